@@ -1,0 +1,1 @@
+"""Mixture-of-experts block: router, balance losses, dispatch, grouped experts."""

@@ -1,0 +1,106 @@
+"""The MoE block: router → dispatch → grouped SwiGLU experts → combine, plus its balance terms.
+
+Tested by `python -m pytest tests/model/test_moe_layer.py tests/model/test_router.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from scimoe.config import MoEConfig
+from scimoe.model.moe import losses
+from scimoe.model.moe.dispatch import LocalDispatcher
+from scimoe.model.moe.experts import GroupedExperts, SwiGLU
+from scimoe.model.moe.router import GroupedRouter
+
+
+@dataclass
+class MoEAux:
+    """One layer's auxiliary outputs for one micro-batch."""
+
+    balance_loss: torch.Tensor
+    """Weighted aux + sequence aux + group balance terms (with gradient)."""
+    z_loss: torch.Tensor
+    """Weighted router z-loss (with gradient)."""
+    counts: torch.Tensor
+    """[E] tokens per expert (no gradient)."""
+    entropy: torch.Tensor
+    """Mean router entropy over tokens (no gradient)."""
+    indices: torch.Tensor
+    """[T, K] chosen experts (for router replay and mismatch metrics)."""
+
+
+class MoELayer(nn.Module):
+    """Dropless grouped-routing MoE with optional shared expert."""
+
+    def __init__(self, hidden: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = GroupedRouter(hidden, cfg.num_experts, cfg.top_k, cfg.n_groups, cfg.router_mode,
+                                    cfg.norm_topk_prob)
+        self.experts = GroupedExperts(cfg.num_experts, hidden, cfg.ffn_hidden)
+        self.shared_expert = SwiGLU(hidden, cfg.shared_expert_ffn) if cfg.shared_expert_ffn else None
+        self.dispatcher = LocalDispatcher(cfg.num_experts)
+        self.stats_reduce: Optional[losses.Reduce] = None
+        """Sums statistics over data-parallel ranks; set by scimoe.parallel, None on one process."""
+        self.register_buffer("expert_output_ema", torch.zeros(cfg.num_experts, hidden))
+        self.register_buffer("load_since_update", torch.zeros(cfg.num_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+        batch, seq, hidden = x.shape
+        flat = x.reshape(-1, hidden)
+        routing = self.router(flat, replay)
+        compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        sent = self.dispatcher.dispatch(flat.to(compute_dtype), routing.indices)
+        out = self.experts(sent.x, sent.counts)
+        y = self.dispatcher.combine(out, routing.weights, sent)
+        if self.cfg.router_mode == "ste_ema":
+            y = y + self._ema_gradient_path(routing).to(y.dtype)
+            if self.training:
+                self._update_output_ema(out.detach(), sent)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(flat)
+        if self.training:
+            self.load_since_update += sent.counts.detach().float()
+        return y.view(batch, seq, hidden).to(x.dtype), self._aux(routing, batch, sent.counts)
+
+    def _ema_gradient_path(self, routing) -> torch.Tensor:
+        """Σ_{j∉S} (p_j − sg p_j)·Ê_j: exactly zero in value, router gradient ⟨∂L/∂y, Ê_j⟩."""
+        probs = routing.probs
+        not_selected = torch.ones_like(probs).scatter(1, routing.indices, 0.0)
+        return ((probs - probs.detach()) * not_selected) @ self.expert_output_ema
+
+    @torch.no_grad()
+    def _update_output_ema(self, out: torch.Tensor, sent) -> None:
+        sums = torch.zeros_like(self.expert_output_ema).index_add_(0, sent.expert_ids, out.float())
+        hit = sent.counts > 0
+        means = sums[hit] / sent.counts[hit].unsqueeze(-1).float()
+        decay = self.cfg.ema_decay
+        self.expert_output_ema[hit] = decay * self.expert_output_ema[hit] + (1 - decay) * means
+
+    def _aux(self, routing, batch: int, counts: torch.Tensor) -> MoEAux:
+        cfg, probs, idx = self.cfg, routing.probs, routing.indices
+        zero = probs.new_zeros(())
+        balance = zero
+        if cfg.aux_loss_coef:
+            balance = balance + cfg.aux_loss_coef * losses.aux_loss(probs, idx, cfg.top_k, self.stats_reduce)
+        if cfg.seq_aux_loss_coef:
+            balance = balance + cfg.seq_aux_loss_coef * losses.sequence_aux_loss(probs, idx, cfg.top_k, batch)
+        if cfg.group_balance_coef:
+            balance = balance + cfg.group_balance_coef * losses.group_balance_loss(
+                probs, idx, cfg.top_k, cfg.n_groups, self.stats_reduce)
+        z = cfg.z_loss_coef * losses.z_loss(routing.logits) if cfg.z_loss_coef else zero
+        with torch.no_grad():
+            entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
+        return MoEAux(balance_loss=balance, z_loss=z, counts=counts.detach(), entropy=entropy, indices=idx)
+
+    @torch.no_grad()
+    def update_selection_bias(self) -> None:
+        """Aux-loss-free balancing, once per optimizer step with the loads seen since the last one."""
+        if self.cfg.bias_update_rate:
+            load = self.load_since_update if self.stats_reduce is None else self.stats_reduce(self.load_since_update)
+            losses.aux_free_bias_update(self.router.selection_bias, load, self.cfg.bias_update_rate)
+        self.load_since_update.zero_()

@@ -1,0 +1,74 @@
+"""Router balance terms: global-batch aux, sequence aux, z-loss, group-level balance, aux-free bias.
+
+Tested by `python -m pytest tests/model/test_balance_losses.py` against hand computations.
+Every function takes the router's fp32 probabilities/logits and the selected indices. `reduce`
+(identity on one process) sums a statistic over the data-parallel world so the loss is the
+global-batch one; the model never talks to process groups itself.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+Reduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _reduced(x: torch.Tensor, reduce: Reduce) -> torch.Tensor:
+    return x if reduce is None else reduce(x)
+
+
+def expert_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert, as fp32 [E]."""
+    return torch.bincount(indices.flatten(), minlength=num_experts).float()
+
+
+def aux_loss(probs: torch.Tensor, indices: torch.Tensor, top_k: int, reduce: Reduce = None) -> torch.Tensor:
+    """E/(K·T)·Σ_i c_i·P_i with c_i the tokens sent to expert i and P_i its mean probability."""
+    num_experts = probs.shape[-1]
+    counts = _reduced(expert_counts(indices, num_experts), reduce)
+    tokens = _reduced(torch.tensor(float(probs.shape[0])), reduce)
+    prob_sum = probs.sum(0)
+    if reduce is not None:
+        # Global P_i, with gradient flowing into this rank's own tokens only.
+        prob_sum = prob_sum + (reduce(prob_sum.detach()) - prob_sum.detach())
+    return num_experts / (top_k * tokens) * (counts * prob_sum / tokens).sum()
+
+
+def sequence_aux_loss(probs: torch.Tensor, indices: torch.Tensor, top_k: int, batch: int) -> torch.Tensor:
+    """The aux form inside each sequence (probs laid out [B·S, E]), averaged over sequences."""
+    t, num_experts = probs.shape
+    seq = t // batch
+    counts = torch.zeros(batch, num_experts, device=probs.device)
+    counts.scatter_add_(1, indices.view(batch, -1), torch.ones_like(indices.view(batch, -1), dtype=torch.float))
+    mean_probs = probs.view(batch, seq, num_experts).mean(1)
+    return (num_experts / (top_k * seq) * (counts * mean_probs).sum(-1)).mean()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """mean_t (logsumexp z_t)²: keeps router logits small."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def group_balance_loss(probs: torch.Tensor, indices: torch.Tensor, top_k: int, n_groups: int,
+                       reduce: Reduce = None) -> torch.Tensor:
+    """The aux form inside each router group with probabilities renormalised within the group,
+    averaged over groups; grouped routing already balances groups, this balances experts in them."""
+    t, num_experts = probs.shape
+    per_group = num_experts // n_groups
+    k_group = top_k // n_groups
+    grouped = probs.view(t, n_groups, per_group)
+    in_group = grouped / grouped.sum(-1, keepdim=True)
+    counts = _reduced(expert_counts(indices, num_experts), reduce).view(n_groups, per_group)
+    tokens = _reduced(torch.tensor(float(t)), reduce)
+    prob_sum = in_group.sum(0)
+    if reduce is not None:
+        prob_sum = prob_sum + (reduce(prob_sum.detach()) - prob_sum.detach())
+    per_group_loss = per_group / (k_group * tokens) * (counts * prob_sum / tokens).sum(-1)
+    return per_group_loss.mean()
+
+
+@torch.no_grad()
+def aux_free_bias_update(bias: torch.Tensor, load: torch.Tensor, rate: float) -> None:
+    """b_i ← b_i + u·sign(mean_load − load_i): under-loaded experts become easier to select."""
+    bias.add_(rate * torch.sign(load.mean() - load))

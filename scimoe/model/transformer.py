@@ -1,0 +1,130 @@
+"""The decoder-only MoE language model (Intern-S1-Pro text tower), plain PyTorch.
+
+Build one: `build_model(ModelConfig())` (the tiny preset) or on the meta device for counting:
+`with torch.device("meta"): build_model(cfg)`. Tested by `python -m pytest tests/model`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scimoe.config import ModelConfig
+from scimoe.model.attention import Attention, document_causal_mask
+from scimoe.model.moe.experts import GroupedExperts, SwiGLU
+from scimoe.model.moe.layer import MoEAux, MoELayer
+from scimoe.model.norm import RMSNorm
+from scimoe.model.rotary import FoPE, RoPE
+
+
+@dataclass
+class ModelOutput:
+    """Forward results for one micro-batch."""
+
+    logits: torch.Tensor
+    """[B, T, V] (dtype of the compute)."""
+    loss_sum: torch.Tensor
+    """Sum of next-token cross-entropy over label positions (0 when no labels)."""
+    label_tokens: int
+    """Positions with a label (labels != −100)."""
+    balance_loss: torch.Tensor
+    """Weighted balance terms summed over MoE layers."""
+    z_loss: torch.Tensor
+    """Weighted z-loss summed over MoE layers."""
+    moe: list[MoEAux] = field(default_factory=list)
+    """Per-MoE-layer statistics, in layer order."""
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(·)) with an MoE or dense SwiGLU MLP."""
+
+    def __init__(self, cfg: ModelConfig, dense: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.self_attn = Attention(cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.rms_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.mlp = SwiGLU(cfg.hidden, cfg.moe.dense_ffn_hidden) if dense else MoELayer(cfg.hidden, cfg.moe)
+
+    def forward(self, x, rotary, mask, replay=None) -> tuple[torch.Tensor, MoEAux | None]:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, mask)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoELayer):
+            y, aux = self.mlp(h, replay)
+            return x + y, aux
+        return x + self.mlp(h), None
+
+
+class MoETransformer(nn.Module):
+    """Embedding → decoder layers → final norm → untied LM head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        if cfg.pos_emb == "fope":
+            self.rotary = FoPE(cfg.head_dim, cfg.rope_theta, cfg.max_positions, cfg.kv_heads,
+                               cfg.fope_init_factor, cfg.fope_sep_head)
+        else:
+            self.rotary = RoPE(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dense=i < cfg.moe.dense_layers) for i in range(cfg.layers))
+        self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic initialisation from `seed` alone (independent of the global RNG)."""
+        gen = torch.Generator().manual_seed(seed)
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith(("norm.weight", "layernorm.weight")):
+                p.fill_(1.0)
+            elif "rotary" in name:
+                continue
+            else:
+                scale = self.cfg.embed_init_std if name == "embed_tokens.weight" else std
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+                if self.cfg.zero_init_output and name.endswith(("o_proj.weight", "down_proj.weight", "down_proj", "lm_head.weight")):
+                    p.zero_()
+        if isinstance(self.rotary, FoPE):
+            self.rotary.reset_parameters(gen)
+        for buf_name, buf in self.named_buffers():
+            if buf_name.endswith(("expert_output_ema", "selection_bias", "load_since_update")):
+                buf.zero_()
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoELayer)]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None,
+                replay: list[torch.Tensor] | None = None) -> ModelOutput:
+        x = self.embed_tokens(input_ids)
+        rotary = self.rotary(positions)
+        mask = document_causal_mask(positions)
+        auxes: list[MoEAux] = []
+        for layer in self.layers:
+            x, aux = layer(x, rotary, mask, replay[len(auxes)] if replay is not None else None)
+            if aux is not None:
+                auxes.append(aux)
+        logits = self.lm_head(self.norm(x))
+        zero = logits.new_zeros((), dtype=torch.float32)
+        loss_sum, label_tokens = zero, 0
+        if labels is not None:
+            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                       reduction="sum")
+            label_tokens = int((labels != -100).sum())
+        return ModelOutput(
+            logits=logits, loss_sum=loss_sum, label_tokens=label_tokens,
+            balance_loss=sum((a.balance_loss for a in auxes), zero),
+            z_loss=sum((a.z_loss for a in auxes), zero), moe=auxes)
+
+
+def build_model(cfg: ModelConfig, seed: int | None = None) -> MoETransformer:
+    """The model for `cfg`; initialised from `seed` unless built on the meta device."""
+    model = MoETransformer(cfg)
+    if seed is not None:
+        model.init_weights(seed)
+    return model
+
+
+__all__ = ["MoETransformer", "ModelOutput", "build_model", "GroupedExperts"]

@@ -1,0 +1,35 @@
+"""Byte-level BPE tokenizer trained in-process (no hub download) or loaded from a JSON file.
+
+Tested by `python -m pytest tests/data/test_text_data.py`.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOS = "<|endoftext|>"
+SPECIAL_TOKENS = [EOS, "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|ts_pad|>", "<think>", "</think>",
+                  "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+"""Reserved first ids: end of text, chat turns, modality placeholders, reasoning and tool markers."""
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE of `vocab_size` ids trained on `texts`; deterministic for the same input."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def load_tokenizer(path: str, vocab_size: int) -> Tokenizer:
+    """Load a `tokenizers` JSON file and check it fits the model's vocabulary."""
+    tok = Tokenizer.from_file(path)
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"tokenizer {path} has {tok.get_vocab_size()} ids but model.vocab_size is {vocab_size}")
+    if tok.token_to_id(EOS) is None:
+        raise ValueError(f"tokenizer {path} has no {EOS} token")
+    return tok

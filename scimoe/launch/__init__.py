@@ -1,0 +1,1 @@
+"""Launch helpers: console entry points, run folders, torchrun/Slurm environment."""

@@ -1,0 +1,1 @@
+"""Parallelism applied to a built model: process groups, TP/PP/EP/DP. The model never imports this."""

@@ -1,0 +1,83 @@
+"""Pretraining recipe: next-token prediction on a data source, with checkpoints and metrics.
+
+Run: `scimoe-train model=tiny train.steps=50 hydra.run.dir=outputs/tiny` (≡ `python -m scimoe.train ...`).
+Reads top to bottom: layout → model → data → optimizer → resume → loop → final save.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from omegaconf import OmegaConf
+
+from scimoe.config import Config
+from scimoe.data.loader import StepLoader
+from scimoe.data.sources import build_rows
+from scimoe.model import build_model
+from scimoe.parallel.dims import ParallelDims
+from scimoe.train import checkpoint
+from scimoe.train.metrics import make_logger, moe_health
+from scimoe.train.optim import build_optimizer
+from scimoe.train.step import train_step
+
+log = logging.getLogger("scimoe")
+
+
+def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None) -> list[dict]:
+    """Train to `cfg.train.steps`, resuming if asked; returns the records logged by this process."""
+    dims = dims or ParallelDims()
+    if not dims.is_single_process:
+        raise NotImplementedError("multi-process layouts are launched through scimoe.parallel (not yet built)")
+    dims.check_model(cfg.model.moe.num_experts, cfg.model.layers, cfg.model.moe.n_groups)
+    log.info("layout %s, run dir %s", dims.describe(), run_dir)
+
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    rows = build_rows(cfg, run_dir)
+    loader = StepLoader(rows, cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seed, dims.rank, dims.dp)
+    optimizer, scheduler = build_optimizer(model, cfg.train)
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+    start = 0
+    resume_path = checkpoint.find_resume_path(run_dir, cfg.checkpoint.resume)
+    if resume_path:
+        state = checkpoint.load(resume_path, model, optimizer, scheduler)
+        loader.load_state_dict(state["loader"])
+        start = state["step"]
+        log.info("resumed from %s (step %d)", resume_path, start)
+    logger = make_logger(cfg.logger, run_dir, dims.rank == 0, dataclasses.asdict(cfg), resume_step=start)
+
+    records: list[dict] = []
+    skipped_in_a_row = 0
+    try:
+        for step in range(start, cfg.train.steps):
+            began = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            result = train_step(model, optimizer, loader.next_step(), cfg.train.grad_clip, cfg.train.dtype)
+            scheduler.step()
+            elapsed = time.perf_counter() - began
+            record = {
+                "step": step + 1, "loss": result.loss, "lm_loss": result.lm_loss,
+                "balance_loss": result.balance_loss, "z_loss": result.z_loss, "grad_norm": result.grad_norm,
+                "lr": lr, "tokens": result.tokens, "tokens_per_s": result.tokens / elapsed,
+                "skipped": int(result.skipped), "moe": moe_health(result.expert_counts, result.router_entropy),
+            }
+            logger.log(record)
+            records.append(record)
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+                log.info("step %d | loss %.4f | lm %.4f | bal %.4f | gnorm %.3f | lr %.2e | %.0f tok/s%s",
+                         step + 1, result.loss, result.lm_loss, result.balance_loss, result.grad_norm, lr,
+                         record["tokens_per_s"], " | SKIPPED (non-finite)" if result.skipped else "")
+            skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
+            if skipped_in_a_row >= cfg.train.max_skipped_in_a_row:
+                raise RuntimeError(f"{skipped_in_a_row} steps in a row had a non-finite loss or grad norm "
+                                   f"(train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}); stopping. "
+                                   f"The last complete checkpoint is kept in {checkpoint.checkpoint_root(run_dir)}")
+            last = step + 1 == cfg.train.steps
+            if last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
+                path = checkpoint.save(run_dir, step + 1, model, optimizer, scheduler, loader.state_dict(), config_yaml)
+                checkpoint.prune(run_dir, cfg.checkpoint.keep_last)
+                log.info("saved %s", path)
+    finally:
+        logger.close()
+    return records

@@ -156,6 +156,11 @@ class TrainConfig:
     """Compute precision: `fp32` or `bf16` (autocast; master weights and router stay fp32)."""
     log_every: int = 1
     """Console line every N steps (metrics.jsonl gets every step)."""
+    deterministic: bool = True
+    """Use torch's deterministic kernels (warn-only where none exists). Needed for bit-exact resume: with
+    2 CPU threads the default gather/scatter backward kernels differ run to run in the last bit."""
+    exit_after_steps: int = 0
+    """Save and exit after this many steps in this process (Megatron's exit-interval, for job chains); 0 = off."""
     max_skipped_in_a_row: int = 10
     """Stop when this many consecutive steps had a non-finite loss or grad norm."""
 
@@ -170,6 +175,8 @@ class TrainConfig:
         _require(0 <= self.min_lr <= self.lr, "train.min_lr", "must be in [0, train.lr]")
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _require(self.exit_after_steps >= 0, "train.exit_after_steps", "must be >= 0")
+        _require(self.max_skipped_in_a_row >= 1, "train.max_skipped_in_a_row", "must be >= 1")
 
 
 @dataclass

@@ -13,13 +13,13 @@ from torch import nn
 
 
 def inverse_frequencies(head_dim: int, theta: float) -> torch.Tensor:
-    """ω_i = θ^(−2i/d) for i < d/2, in fp32."""
+    """ω_i = θ^(−2i/d) for i < d/2 (float64; callers cast)."""
     return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
 
 
 def kept_frequency_count(head_dim: int, theta: float, max_positions: int) -> int:
     """FoPE keeps the frequencies whose period fits in the trained context: ω_i > 2π / L_max."""
-    return int((inverse_frequencies(head_dim, theta) > 2 * math.pi / max_positions).sum())
+    return sum(theta ** (-i / head_dim) > 2 * math.pi / max_positions for i in range(0, head_dim, 2))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
+
+import torch
 
 from omegaconf import OmegaConf
 
@@ -32,6 +35,9 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None) -> lis
     dims.check_model(cfg.model.moe.num_experts, cfg.model.layers, cfg.model.moe.n_groups)
     log.info("layout %s, run dir %s", dims.describe(), run_dir)
 
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS on GPUs only
+    torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
     model = build_model(cfg.model, seed=cfg.train.seed)
     rows = build_rows(cfg, run_dir)
     loader = StepLoader(rows, cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seed, dims.rank, dims.dp)
@@ -74,10 +80,14 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None) -> lis
                                    f"(train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}); stopping. "
                                    f"The last complete checkpoint is kept in {checkpoint.checkpoint_root(run_dir)}")
             last = step + 1 == cfg.train.steps
-            if last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
+            leaving = cfg.train.exit_after_steps and step + 1 - start >= cfg.train.exit_after_steps
+            if last or leaving or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
                 path = checkpoint.save(run_dir, step + 1, model, optimizer, scheduler, loader.state_dict(), config_yaml)
                 checkpoint.prune(run_dir, cfg.checkpoint.keep_last)
                 log.info("saved %s", path)
+            if leaving and not last:
+                log.info("train.exit_after_steps=%d reached at step %d: exiting", cfg.train.exit_after_steps, step + 1)
+                break
     finally:
         logger.close()
     return records

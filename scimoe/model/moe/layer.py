@@ -75,11 +75,13 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def _update_output_ema(self, out: torch.Tensor, sent) -> None:
+        # Out of place: the old EMA is saved by autograd for this step's backward.
         sums = torch.zeros_like(self.expert_output_ema).index_add_(0, sent.expert_ids, out.float())
-        hit = sent.counts > 0
-        means = sums[hit] / sent.counts[hit].unsqueeze(-1).float()
+        counts = sent.counts.float().unsqueeze(-1)
+        means = sums / counts.clamp_min(1.0)
         decay = self.cfg.ema_decay
-        self.expert_output_ema[hit] = decay * self.expert_output_ema[hit] + (1 - decay) * means
+        updated = decay * self.expert_output_ema + (1 - decay) * means
+        self.expert_output_ema = torch.where(counts > 0, updated, self.expert_output_ema)
 
     def _aux(self, routing, batch: int, counts: torch.Tensor) -> MoEAux:
         cfg, probs, idx = self.cfg, routing.probs, routing.indices

@@ -60,7 +60,9 @@ class GroupedRouter(nn.Module):
             else:
                 indices = replay
             selected = probs.gather(1, indices)
-            weights = selected / selected.sum(-1, keepdim=True) if self.norm_topk_prob else selected
+            # p_S / Σ p_S equals softmax over the selected logits; written this way the
+            # non-selected logits get exactly zero gradient under `sparse`, not rounding residue.
+            weights = logits.gather(1, indices).softmax(-1) if self.norm_topk_prob else selected
             if self.mode != "sparse":
                 # Straight-through: the value stays w exactly ((p − sg p) is exactly 0), while the
                 # gradient reaches the full softmax p_S and so every router row.

@@ -1,0 +1,87 @@
+"""Config errors fail fast and name the key: `python -m pytest tests/test_config.py`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+
+from scimoe.config import register_configs, validate
+from scimoe.launch.run_dir import register_resolvers
+from scimoe.registry import instantiate, resolve_target
+
+
+def _compose(*overrides: str):
+    register_configs()
+    register_resolvers()
+    with initialize_config_module(config_module="scimoe.configs", version_base=None):
+        return validate(compose(config_name="config", overrides=list(overrides)))
+
+
+def test_defaults_compose_to_the_tiny_preset():
+    cfg = _compose()
+    assert cfg.model.name == "tiny" and cfg.model.moe.router_mode == "ste" and cfg.logger.kind == "jsonl"
+
+
+def test_presets_and_groups_are_selectable():
+    cfg = _compose("model=intern_s1_pro", "logger=wandb", "data=synthetic", "train.steps=7")
+    assert (cfg.model.hidden, cfg.model.moe.num_experts, cfg.model.moe.n_groups) == (4096, 512, 8)
+    assert cfg.logger.kind == "wandb" and cfg.data.source == "synthetic" and cfg.train.steps == 7
+
+
+def test_unknown_key_is_refused_with_its_name():
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose("train.stepz=5")
+    assert "train.stepz" in str(err.value) or "stepz" in str(err.value.__cause__)
+
+
+def test_wrong_type_is_refused_with_its_name():
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose("train.steps=fifty")
+    text = f"{err.value} {err.value.__cause__}"
+    assert "train.steps" in text
+
+
+def test_top_k_not_divisible_by_groups_is_refused_with_its_name():
+    with pytest.raises(ValueError, match=r"model\.moe\.top_k.*divisible by n_groups"):
+        _compose("model.moe.top_k=6", "model.moe.n_groups=4")
+
+
+def test_cli_stops_before_any_work_on_a_bad_value(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "scimoe.train", "model.moe.top_k=6", f"hydra.run.dir={run}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "model.moe.top_k" in proc.stderr
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+
+
+def test_cli_names_an_unknown_key(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "scimoe.train", "train.stepz=5", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "stepz" in proc.stderr
+
+
+def test_registry_resolves_aliases_and_allowed_paths_only(monkeypatch):
+    assert resolve_target("text", "data.source", {"text": "scimoe.data.text.text_rows"}).__name__ == "text_rows"
+    with pytest.raises(ValueError, match=r"data\.source.*os\.system"):
+        resolve_target("os.system", "data.source")
+    monkeypatch.setenv("SCIMOE_ALLOWED_TARGETS", "collections")
+    assert instantiate({"_target_": "collections.OrderedDict", "a": 1}, "x") == {"a": 1}
+    monkeypatch.delenv("SCIMOE_ALLOWED_TARGETS")
+    with pytest.raises(ValueError, match=r"x\._target_"):
+        instantiate({"_target_": "collections.OrderedDict"}, "x")
+
+
+def test_run_id_is_shared_by_ranks_of_one_launch():
+    from scimoe.launch.run_dir import run_id
+
+    assert run_id({"SLURM_JOB_ID": "42"}) == "slurm-42"
+    assert run_id({"TORCHELASTIC_RUN_ID": "abc"}) == "torchrun-abc"
+    # Two "ranks" of one standalone torchrun share their parent: same id.
+    env = {"TORCHELASTIC_RUN_ID": "none", "LOCAL_RANK": "0"}
+    assert run_id(env) == run_id(dict(env, LOCAL_RANK="1"))
+    assert os.getppid() > 0

@@ -1,0 +1,104 @@
+"""Single-process pretraining end to end: `python -m pytest tests/train/test_pretrain.py`."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from scimoe.config import Config, DataConfig, LoggerConfig, ModelConfig, MoEConfig, TrainConfig
+from scimoe.train import checkpoint
+from scimoe.train.pretrain import pretrain
+from tests.conftest import tiny_config
+
+METRIC_FIELDS = {"step", "loss", "lm_loss", "balance_loss", "z_loss", "grad_norm", "lr", "tokens_per_s", "skipped"}
+
+
+@pytest.mark.slow
+def test_tiny_loss_falls_by_30_percent_in_50_steps_on_the_bundled_corpus(tmp_path):
+    cfg = Config(train=TrainConfig(steps=50), logger=LoggerConfig(kind="none"))  # the built-in defaults
+    records = pretrain(cfg, str(tmp_path))
+    first = records[0]["lm_loss"]
+    last = sum(r["lm_loss"] for r in records[-5:]) / 5
+    assert last <= 0.7 * first, (first, last)
+
+
+def _losses(run_dir) -> list[tuple[int, float, float]]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, f)]
+
+
+@pytest.mark.parametrize("router_mode", ["ste", "ste_ema"])
+def test_stopped_and_resumed_run_logs_identical_losses(tmp_path, router_mode):
+    def cfg(**train):
+        c = tiny_config(steps=8, **train)
+        c.model.moe.router_mode = router_mode
+        c.model.moe.bias_update_rate = 1e-3  # exercise the aux-free bias state too
+        c.model.moe.z_loss_coef = 1e-3
+        c.model.moe.seq_aux_loss_coef = 1e-3
+        c.checkpoint.every = 2
+        return c
+
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    pretrain(cfg(), whole)
+    pretrain(cfg(exit_after_steps=3), parts)  # stops at step 3 with a checkpoint
+    assert [s for s, _ in checkpoint.complete_checkpoints(parts)] == [2, 3]
+    assert len(_losses(parts)) == 3
+    pretrain(cfg(), parts)  # resume=auto picks step 3
+    assert _losses(parts) == _losses(whole)  # bit-identical floats
+
+
+def test_metrics_jsonl_has_the_documented_fields_and_moe_health(tmp_path):
+    pretrain(tiny_config(steps=2), str(tmp_path))
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert METRIC_FIELDS <= set(r)
+        health = r["moe"]
+        assert len(health["max_over_mean_load"]) == 4 and all(v >= 1.0 for v in health["max_over_mean_load"])
+        assert all(0.0 <= v <= 1.0 for v in health["dead_expert_share"])
+        assert all(0.0 < v <= 2.78 for v in health["router_entropy"])  # ≤ ln 16
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    run = str(tmp_path)
+    pretrain(tiny_config(steps=4), run)
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # a crashed run logged step 5 but never saved it
+        f.write(json.dumps({"step": 5, "loss": 0.0}) + "\n")
+    pretrain(tiny_config(steps=6), run)
+    assert [s for s, _, _ in _losses(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_keep_last_prunes_only_complete_older_checkpoints(tmp_path):
+    c = tiny_config(steps=6)
+    c.checkpoint.every, c.checkpoint.keep_last = 2, 2
+    pretrain(c, str(tmp_path))
+    assert [s for s, _ in checkpoint.complete_checkpoints(str(tmp_path))] == [4, 6]
+
+
+def test_half_written_checkpoint_is_never_resumed(tmp_path):
+    run = str(tmp_path)
+    pretrain(tiny_config(steps=2), run)
+    broken = checkpoint.step_dir(run, 4)
+    os.makedirs(broken)
+    open(os.path.join(broken, "model.safetensors"), "wb").close()  # no COMPLETE marker
+    assert checkpoint.find_resume_path(run, "auto") == checkpoint.step_dir(run, 2)
+
+
+def test_synthetic_source_and_bf16_train(tmp_path):
+    c = tiny_config(steps=3, dtype="bf16")
+    c.data = DataConfig(source="synthetic", synthetic_rows=16)
+    records = pretrain(c, str(tmp_path))
+    assert all(r["skipped"] == 0 for r in records)
+    assert records[-1]["lm_loss"] < records[0]["lm_loss"] + 0.5
+
+
+def test_wandb_offline_logger_writes_a_run_and_metrics(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = tiny_config(steps=2)
+    c.logger = LoggerConfig(kind="wandb", mode="offline")
+    pretrain(c, str(tmp_path / "run"))
+    runs = os.listdir(tmp_path / "run" / "wandb")
+    assert any(name.startswith("offline-run-") for name in runs)
+    assert len(_losses(tmp_path / "run")) == 2

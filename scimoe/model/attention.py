@@ -12,11 +12,14 @@ from scimoe.model.norm import RMSNorm
 from scimoe.model.rotary import apply_rotary
 
 
-def document_causal_mask(positions: torch.Tensor) -> torch.Tensor:
+def document_causal_mask(positions: torch.Tensor) -> torch.Tensor | None:
     """[B, 1, T, T] bool mask: causal, and a token sees only its own packed document.
 
-    A position of 0 starts a new document, so packed rows never attend across documents.
+    A position of 0 starts a new document, so packed rows never attend across documents. Rows with
+    one document each need no mask (None): attention then takes its faster plain-causal kernel.
     """
+    if not bool((positions[:, 1:] == 0).any()):
+        return None
     doc = torch.cumsum((positions == 0).int(), dim=-1)
     same_doc = doc.unsqueeze(-1) == doc.unsqueeze(-2)
     t = positions.shape[-1]
@@ -38,7 +41,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim))
@@ -47,5 +50,5 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).to(q.dtype), attn_mask=mask,
-            enable_gqa=self.heads != self.kv_heads)
+            is_causal=mask is None, enable_gqa=self.heads != self.kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))

@@ -12,6 +12,17 @@ def test_mask_is_causal_and_blocks_other_documents():
     mask = document_causal_mask(torch.tensor([[0, 1, 2, 0, 1]]))[0, 0]
     expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]).bool()
     assert torch.equal(mask, expected)
+    assert document_causal_mask(torch.tensor([[0, 1, 2], [5, 6, 7]])) is None  # one document per row
+
+
+def test_masked_and_plain_causal_paths_agree_on_a_single_document():
+    from scimoe.model.attention import Attention
+
+    attn = Attention(32, 4, 2, 8, 1e-6)
+    x = torch.randn(1, 6, 32)
+    rot = (torch.ones(1, 6, 2, 8), torch.zeros(1, 6, 2, 8))
+    explicit = torch.ones(6, 6, dtype=torch.bool).tril().view(1, 1, 6, 6)
+    assert torch.allclose(attn(x, rot, None), attn(x, rot, explicit), atol=1e-6)
 
 
 def test_packed_row_logits_equal_documents_run_one_by_one():

@@ -37,7 +37,7 @@ class LocalDispatcher:
         return Dispatched(x=x[order // indices.shape[1]], counts=counts, expert_ids=flat[order], order=order)
 
     def combine(self, out: torch.Tensor, weights: torch.Tensor, sent: Dispatched) -> torch.Tensor:
-        """y_t = Σ_k w_tk · out[(t, k)] with the copies put back in (token, slot) order."""
+        """y_t = Σ_k w_tk · out[(t, k)]: scale each row by its weight and add it into its token."""
         t, k = weights.shape
-        unsorted = torch.empty_like(out).index_copy(0, sent.order, out).view(t, k, -1)
-        return torch.bmm(weights.to(out.dtype).unsqueeze(1), unsorted).squeeze(1)
+        scaled = out * weights.flatten()[sent.order].to(out.dtype).unsqueeze(-1)
+        return out.new_zeros(t, out.shape[-1]).index_add_(0, sent.order // k, scaled)

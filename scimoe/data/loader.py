@@ -1,8 +1,10 @@
 """Deterministic, resumable step loader: global batches from a seeded per-epoch permutation.
 
 Tested by `python -m pytest tests/data/test_loader.py`. The global cursor does not depend on the
-layout, so every data-parallel size sees the same global batch at the same step; rank r takes the
-r-th contiguous slice and cuts it into micro-batches.
+layout, so every data-parallel size sees the same global batch at the same step. The batch is cut into
+chunks of micro_batch·dp rows; micro-batch m of rank r is the r-th slice of chunk m. So the union over
+ranks of their m-th micro-batches is the single-process m-th micro-batch when that one is dp times
+larger, and batch statistics (balance losses) agree across layouts.
 """
 from __future__ import annotations
 
@@ -40,9 +42,9 @@ class StepLoader:
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches for the next optimizer step."""
         indices = self._next_global_indices()
-        share = self.global_batch // self.dp_size
-        mine = indices[self.dp_rank * share:(self.dp_rank + 1) * share]
-        return [self.rows.rows(chunk) for chunk in mine.split(self.micro_batch)]
+        chunks = indices.split(self.micro_batch * self.dp_size)
+        start = self.dp_rank * self.micro_batch
+        return [self.rows.rows(chunk[start:start + self.micro_batch]) for chunk in chunks]
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "rows": len(self.rows)}

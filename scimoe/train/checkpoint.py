@@ -1,9 +1,11 @@
-"""Single-process checkpoints: `DIR/checkpoints/step_{N:08d}/` with a completion marker written last.
+"""Checkpoints: `DIR/checkpoints/step_{N:08d}/` with a completion marker written last.
 
-Tested by `python -m pytest tests/train/test_checkpoint.py tests/train/test_resume.py`.
-A checkpoint is written into a hidden temporary folder, every file fsynced, the folder renamed into
-place, and only then is the `COMPLETE` marker created (temp file, fsync, rename). `resume=auto`
-loads the newest folder that has the marker, so a save cut short is never loaded.
+Tested by `python -m pytest tests/train/test_pretrain.py tests/distributed`. A checkpoint is written into
+a hidden temporary folder, every file fsynced, the folder renamed into place, and only then is the
+`COMPLETE` marker created (temp file, fsync, rename). `resume=auto` loads the newest folder that has
+the marker, so a save cut short is never loaded. With several ranks each writes its own files
+(`*_rank00003.*`) between barriers and rank 0 renames and marks; such a checkpoint resumes into the
+same layout (changing layouts is the checkpoint issue's work).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 import random
 import re
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -63,32 +65,45 @@ def _torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
+def _noop() -> None:
+    pass
+
+
 def save(run_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         scheduler: Any, loader_state: dict, config_yaml: str) -> str:
-    """Write checkpoint `step` atomically and return its folder."""
+         scheduler: Any, loader_state: dict, config_yaml: str, rank: int = 0, world: int = 1,
+         barrier: Callable[[], None] = _noop) -> str:
+    """Write checkpoint `step` atomically (every rank calls this) and return its folder."""
     final = step_dir(run_dir, step)
     root = checkpoint_root(run_dir)
-    os.makedirs(root, exist_ok=True)
-    tmp = os.path.join(root, f".step_{step:08d}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = os.path.join(root, f".step_{step:08d}.tmp")
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    suffix = "" if world == 1 else f"_rank{rank:05d}"
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"step": str(step)})
-    with open(os.path.join(tmp, "model.safetensors"), "rb+") as f:
+    save_file(weights, os.path.join(tmp, f"model{suffix}.safetensors"), metadata={"step": str(step)})
+    with open(os.path.join(tmp, f"model{suffix}.safetensors"), "rb+") as f:
         os.fsync(f.fileno())
-    _fsync_write(os.path.join(tmp, "optimizer.pt"), _torch_bytes(optimizer.state_dict()))
-    train_state = {"step": step, "scheduler": scheduler.state_dict(), "loader": loader_state, "rng": rng_state()}
-    _fsync_write(os.path.join(tmp, "train_state.pt"), _torch_bytes(train_state))
-    _fsync_write(os.path.join(tmp, "config.yaml"), config_yaml.encode())
-    _fsync_dir(tmp)
-    if os.path.exists(final):  # an earlier save of this step that never completed
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    marker_tmp = os.path.join(final, f".{MARKER}.tmp")
-    _fsync_write(marker_tmp, json.dumps({"step": step, "format_version": FORMAT_VERSION}).encode())
-    os.rename(marker_tmp, os.path.join(final, MARKER))
-    _fsync_dir(final)
+    _fsync_write(os.path.join(tmp, f"optimizer{suffix}.pt"), _torch_bytes(optimizer.state_dict()))
+    train_state = {"step": step, "scheduler": scheduler.state_dict(), "loader": loader_state, "rng": rng_state(),
+                   "world": world}
+    _fsync_write(os.path.join(tmp, f"train_state{suffix}.pt"), _torch_bytes(train_state))
+    barrier()
+    if rank == 0:
+        _fsync_write(os.path.join(tmp, "config.yaml"), config_yaml.encode())
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # an earlier save of this step that never completed
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        marker_tmp = os.path.join(final, f".{MARKER}.tmp")
+        marker = {"step": step, "format_version": FORMAT_VERSION, "world": world}
+        _fsync_write(marker_tmp, json.dumps(marker).encode())
+        os.rename(marker_tmp, os.path.join(final, MARKER))
+        _fsync_dir(final)
+    barrier()
     return final
 
 
@@ -121,16 +136,23 @@ def find_resume_path(run_dir: str, resume: str) -> str | None:
     return resume
 
 
-def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
+def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+         rank: int = 0, world: int = 1) -> dict:
     """Restore model, optimizer, scheduler and RNG from `path`; returns the train state (step, loader)."""
-    weights = load_file(os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, MARKER)) as f:
+        saved_world = json.load(f).get("world", 1)
+    if saved_world != world:
+        raise ValueError(f"checkpoint {path} was saved by {saved_world} ranks but this run has {world}; "
+                         "resuming into another layout is not supported yet")
+    suffix = "" if world == 1 else f"_rank{rank:05d}"
+    weights = load_file(os.path.join(path, f"model{suffix}.safetensors"))
     missing, unexpected = set(model.state_dict()) - set(weights), set(weights) - set(model.state_dict())
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict(weights)
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
-    state = torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
+    optimizer.load_state_dict(torch.load(os.path.join(path, f"optimizer{suffix}.pt"), weights_only=False))
+    state = torch.load(os.path.join(path, f"train_state{suffix}.pt"), weights_only=False)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state

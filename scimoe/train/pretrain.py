@@ -6,6 +6,7 @@ Reads top to bottom: layout → model → data → optimizer → resume → loop
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import logging
 import os
 import time
@@ -19,6 +20,8 @@ from scimoe.data.loader import StepLoader
 from scimoe.data.sources import build_rows
 from scimoe.model import build_model
 from scimoe.parallel.dims import ParallelDims
+from scimoe.parallel.runtime import make_runtime
+from scimoe.parallel.state import dims_from_env, init_process_groups, rank_grid
 from scimoe.train import checkpoint
 from scimoe.train.metrics import make_logger, moe_health
 from scimoe.train.optim import build_optimizer
@@ -27,27 +30,48 @@ from scimoe.train.step import train_step
 log = logging.getLogger("scimoe")
 
 
-def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None) -> list[dict]:
-    """Train to `cfg.train.steps`, resuming if asked; returns the records logged by this process."""
-    dims = dims or ParallelDims()
-    if not dims.is_single_process:
-        raise NotImplementedError("multi-process layouts are launched through scimoe.parallel (not yet built)")
+@dataclass
+class PretrainResult:
+    """What a pretraining call produced on this process."""
+
+    records: list[dict]
+    """The per-step metrics (the same on every rank)."""
+    final_weights: dict | None = None
+    """The full single-process state dict after training (gathered over ranks), when asked for."""
+
+
+def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initial_state: dict | None = None,
+             gather_final_weights: bool = False) -> PretrainResult:
+    """Train to `cfg.train.steps`, resuming if asked.
+
+    `dims` defaults to the layout torchrun describes (WORLD_SIZE, RANK) with `cfg.parallel`'s sizes;
+    `initial_state` (a full single-process state dict) replaces the seeded initial weights.
+    """
+    dims = dims or dims_from_env(cfg.parallel)
     dims.check_model(cfg.model.moe.num_experts, cfg.model.layers, cfg.model.moe.n_groups)
-    log.info("layout %s, run dir %s", dims.describe(), run_dir)
+    runtime = make_runtime(dims, init_process_groups(dims))
+    if dims.rank == 0:
+        log.info("layout %s, run dir %s", dims.describe(), run_dir)
+        if not dims.is_single_process:
+            log.info("%s", rank_grid(dims))
 
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS on GPUs only
     torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
     model = build_model(cfg.model, seed=cfg.train.seed)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
+    runtime.prepare(model)  # shard experts, hook statistics reductions
     rows = build_rows(cfg, run_dir)
-    loader = StepLoader(rows, cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seed, dims.rank, dims.dp)
+    dp_rank = runtime.groups.dp_rank if not dims.is_single_process else 0
+    loader = StepLoader(rows, cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seed, dp_rank, dims.dp)
     optimizer, scheduler = build_optimizer(model, cfg.train)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
     start = 0
     resume_path = checkpoint.find_resume_path(run_dir, cfg.checkpoint.resume)
     if resume_path:
-        state = checkpoint.load(resume_path, model, optimizer, scheduler)
+        state = checkpoint.load(resume_path, model, optimizer, scheduler, dims.rank, dims.world_size)
         loader.load_state_dict(state["loader"])
         start = state["step"]
         log.info("resumed from %s (step %d)", resume_path, start)
@@ -59,7 +83,7 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None) -> lis
         for step in range(start, cfg.train.steps):
             began = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            result = train_step(model, optimizer, loader.next_step(), cfg.train.grad_clip, cfg.train.dtype)
+            result = train_step(model, optimizer, loader.next_step(), cfg.train.grad_clip, cfg.train.dtype, runtime)
             scheduler.step()
             elapsed = time.perf_counter() - began
             record = {
@@ -70,7 +94,7 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None) -> lis
             }
             logger.log(record)
             records.append(record)
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+            if dims.rank == 0 and ((step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps):
                 log.info("step %d | loss %.4f | lm %.4f | bal %.4f | gnorm %.3f | lr %.2e | %.0f tok/s%s",
                          step + 1, result.loss, result.lm_loss, result.balance_loss, result.grad_norm, lr,
                          record["tokens_per_s"], " | SKIPPED (non-finite)" if result.skipped else "")
@@ -82,12 +106,15 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None) -> lis
             last = step + 1 == cfg.train.steps
             leaving = cfg.train.exit_after_steps and step + 1 - start >= cfg.train.exit_after_steps
             if last or leaving or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
-                path = checkpoint.save(run_dir, step + 1, model, optimizer, scheduler, loader.state_dict(), config_yaml)
-                checkpoint.prune(run_dir, cfg.checkpoint.keep_last)
-                log.info("saved %s", path)
+                path = checkpoint.save(run_dir, step + 1, model, optimizer, scheduler, loader.state_dict(),
+                                       config_yaml, dims.rank, dims.world_size, runtime.barrier)
+                if dims.rank == 0:
+                    checkpoint.prune(run_dir, cfg.checkpoint.keep_last)
+                    log.info("saved %s", path)
             if leaving and not last:
                 log.info("train.exit_after_steps=%d reached at step %d: exiting", cfg.train.exit_after_steps, step + 1)
                 break
     finally:
         logger.close()
-    return records
+    final = runtime.full_state_dict(model) if gather_final_weights else None
+    return PretrainResult(records=records, final_weights=final)

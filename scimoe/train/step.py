@@ -1,8 +1,10 @@
 """One optimizer step: gradient accumulation over micro-batches, clipping, loss guard, update.
 
-Tested by `python -m pytest tests/train`. The LM loss is the mean over every label token of the
-global batch (each micro-batch contributes its token sum / global token count), so the result does
-not depend on how the batch is cut into micro-batches; balance terms are averaged over micro-batches.
+Tested by `python -m pytest tests/train tests/distributed`. The LM loss is the mean over every label
+token of the global batch (each micro-batch contributes its token sum / global token count), so the
+result does not depend on how the batch is cut into micro-batches or ranks; balance terms are
+averaged over micro-batches. Each rank's loss is its share of the global one: the runtime sums
+gradients and logged values over data-parallel ranks.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from scimoe.model import MoETransformer
+from scimoe.parallel.runtime import Runtime
 
 
 @dataclass
@@ -39,12 +42,14 @@ def autocast_context(dtype: str):
 
 
 def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, microbatches: list[dict[str, torch.Tensor]],
-               grad_clip: float, dtype: str = "fp32") -> StepResult:
-    """Forward/backward every micro-batch, clip, and step the optimizer unless the step is non-finite."""
+               grad_clip: float, dtype: str = "fp32", runtime: Runtime | None = None) -> StepResult:
+    """Forward/backward every micro-batch, sync and clip gradients, and step unless non-finite."""
+    runtime = runtime or Runtime()
     model.train()
-    label_tokens = sum(int((mb["labels"] != -100).sum()) for mb in microbatches)
+    local_labels = sum(int((mb["labels"] != -100).sum()) for mb in microbatches)
+    label_tokens = int(runtime.reduce_sum(torch.tensor(local_labels)))
     n_micro = len(microbatches)
-    lm_sum = balance = z = 0.0
+    totals = torch.zeros(3, dtype=torch.float64)  # lm sum, balance, z (this rank's shares)
     counts: list[torch.Tensor] = []
     entropy: list[float] = []
     for mb in microbatches:
@@ -52,18 +57,17 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, microbat
             out = model(mb["input_ids"], mb["positions"], mb["labels"])
         loss = out.loss_sum / max(label_tokens, 1) + (out.balance_loss + out.z_loss) / n_micro
         loss.backward()
-        lm_sum += float(out.loss_sum.detach())
-        balance += float(out.balance_loss.detach()) / n_micro
-        z += float(out.z_loss.detach()) / n_micro
+        totals += torch.stack([out.loss_sum.detach(), out.balance_loss.detach() / n_micro,
+                               out.z_loss.detach() / n_micro]).double()
         if not counts:
             counts = [torch.zeros_like(a.counts) for a in out.moe]
             entropy = [0.0] * len(out.moe)
         for i, aux in enumerate(out.moe):
             counts[i] += aux.counts
             entropy[i] += float(aux.entropy) / n_micro
-    params = [p for p in model.parameters() if p.grad is not None]
-    max_norm = grad_clip if grad_clip > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    runtime.sync_grads(model)
+    grad_norm = runtime.clip_grad_norm(model, grad_clip)
+    lm_sum, balance, z = runtime.reduce_sum(totals).tolist()
     lm_loss = lm_sum / max(label_tokens, 1)
     total = lm_loss + balance + z
     skipped = not (math.isfinite(total) and math.isfinite(grad_norm))
@@ -75,6 +79,7 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, microbat
         for moe in model.moe_layers():
             moe.load_since_update.zero_()
     optimizer.zero_grad(set_to_none=True)
+    counts = [runtime.reduce_sum(c) for c in counts]
+    tokens = int(runtime.reduce_sum(torch.tensor(sum(mb["input_ids"].numel() for mb in microbatches))))
     return StepResult(loss=total, lm_loss=lm_loss, balance_loss=balance, z_loss=z, grad_norm=grad_norm,
-                      tokens=sum(mb["input_ids"].numel() for mb in microbatches), skipped=skipped,
-                      expert_counts=counts, router_entropy=entropy)
+                      tokens=tokens, skipped=skipped, expert_counts=counts, router_entropy=entropy)

@@ -25,13 +25,16 @@ def test_epochs_cover_every_row_once_and_reshuffle():
     assert first != second
 
 
-def test_data_parallel_ranks_split_the_same_global_batch():
-    single = StepLoader(_rows(), global_batch=4, micro_batch=2, seed=3)
-    ranks = [StepLoader(_rows(), global_batch=4, micro_batch=1, seed=3, dp_rank=r, dp_size=2) for r in range(2)]
+def test_data_parallel_micro_batches_partition_the_single_process_ones():
+    single = StepLoader(_rows(), global_batch=8, micro_batch=4, seed=3)
+    ranks = [StepLoader(_rows(), global_batch=8, micro_batch=2, seed=3, dp_rank=r, dp_size=2) for r in range(2)]
     for _ in range(5):
-        whole = _ids([single.next_step()])[0]
-        parts = [_ids([r.next_step()])[0] for r in ranks]
-        assert parts[0] + parts[1] == whole
+        whole = single.next_step()
+        parts = [r.next_step() for r in ranks]
+        assert len(whole) == len(parts[0]) == 2
+        for m, micro in enumerate(whole):
+            joined = torch.cat([parts[0][m]["input_ids"], parts[1][m]["input_ids"]])
+            assert torch.equal(joined, micro["input_ids"])
 
 
 def test_state_dict_resumes_the_exact_sequence():

@@ -17,7 +17,7 @@ METRIC_FIELDS = {"step", "loss", "lm_loss", "balance_loss", "z_loss", "grad_norm
 @pytest.mark.slow
 def test_tiny_loss_falls_by_30_percent_in_50_steps_on_the_bundled_corpus(tmp_path):
     cfg = Config(train=TrainConfig(steps=50), logger=LoggerConfig(kind="none"))  # the built-in defaults
-    records = pretrain(cfg, str(tmp_path))
+    records = pretrain(cfg, str(tmp_path)).records
     first = records[0]["lm_loss"]
     last = sum(r["lm_loss"] for r in records[-5:]) / 5
     assert last <= 0.7 * first, (first, last)
@@ -89,7 +89,7 @@ def test_half_written_checkpoint_is_never_resumed(tmp_path):
 def test_synthetic_source_and_bf16_train(tmp_path):
     c = tiny_config(steps=3, dtype="bf16")
     c.data = DataConfig(source="synthetic", synthetic_rows=16)
-    records = pretrain(c, str(tmp_path))
+    records = pretrain(c, str(tmp_path)).records
     assert all(r["skipped"] == 0 for r in records)
     assert records[-1]["lm_loss"] < records[0]["lm_loss"] + 0.5
 

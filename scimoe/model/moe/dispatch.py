@@ -37,7 +37,11 @@ class LocalDispatcher:
         return Dispatched(x=x[order // indices.shape[1]], counts=counts, expert_ids=flat[order], order=order)
 
     def combine(self, out: torch.Tensor, weights: torch.Tensor, sent: Dispatched) -> torch.Tensor:
-        """y_t = Σ_k w_tk · out[(t, k)]: scale each row by its weight and add it into its token."""
-        t, k = weights.shape
-        scaled = out * weights.flatten()[sent.order].to(out.dtype).unsqueeze(-1)
-        return out.new_zeros(t, out.shape[-1]).index_add_(0, sent.order // k, scaled)
+        return weighted_sum_by_token(out, weights, sent.order)
+
+
+def weighted_sum_by_token(out: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """y_t = Σ_k w_tk · out[(t, k)] for rows of `out` in `order` (flat (token, slot) indices)."""
+    t, k = weights.shape
+    scaled = out * weights.flatten()[order].to(out.dtype).unsqueeze(-1)
+    return out.new_zeros(t, out.shape[-1]).index_add_(0, order // k, scaled)

@@ -53,6 +53,7 @@ class MoELayer(nn.Module):
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
         routing = self.router(flat, replay)
+        routed = torch.bincount(routing.indices.flatten(), minlength=self.cfg.num_experts)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         sent = self.dispatcher.dispatch(flat.to(compute_dtype), routing.indices)
         out = self.experts(sent.x, sent.counts)
@@ -60,12 +61,12 @@ class MoELayer(nn.Module):
         if self.cfg.router_mode == "ste_ema":
             y = y + self._ema_gradient_path(routing).to(y.dtype)
             if self.training:
-                self._update_output_ema(out.detach(), sent)
+                self._update_output_ema(out.detach(), sent.expert_ids, routed)
         if self.shared_expert is not None:
             y = y + self.shared_expert(flat)
         if self.training:
-            self.load_since_update += sent.counts.detach().float()
-        return y.view(batch, seq, hidden).to(x.dtype), self._aux(routing, batch, sent.counts)
+            self.load_since_update += routed.float()
+        return y.view(batch, seq, hidden).to(x.dtype), self._aux(routing, batch, routed)
 
     def _ema_gradient_path(self, routing) -> torch.Tensor:
         """Σ_{j∉S} (p_j − sg p_j)·Ê_j: exactly zero in value, router gradient ⟨∂L/∂y, Ê_j⟩."""
@@ -74,13 +75,16 @@ class MoELayer(nn.Module):
         return ((probs - probs.detach()) * not_selected) @ self.expert_output_ema
 
     @torch.no_grad()
-    def _update_output_ema(self, out: torch.Tensor, sent) -> None:
-        # Out of place: the old EMA is saved by autograd for this step's backward.
-        sums = torch.zeros_like(self.expert_output_ema).index_add_(0, sent.expert_ids, out.float())
-        counts = sent.counts.float().unsqueeze(-1)
-        means = sums / counts.clamp_min(1.0)
+    def _update_output_ema(self, out: torch.Tensor, expert_ids: torch.Tensor, routed: torch.Tensor) -> None:
+        """Ê_j ← d·Ê_j + (1−d)·mean output of expert j over all its tokens (all ranks); idle experts keep Ê_j."""
+        sums = torch.zeros_like(self.expert_output_ema).index_add_(0, expert_ids, out.float())
+        counts = routed.float()
+        if self.stats_reduce is not None:
+            sums, counts = self.stats_reduce(sums), self.stats_reduce(counts)
+        counts = counts.unsqueeze(-1)
         decay = self.cfg.ema_decay
-        updated = decay * self.expert_output_ema + (1 - decay) * means
+        updated = decay * self.expert_output_ema + (1 - decay) * sums / counts.clamp_min(1.0)
+        # Out of place: autograd saved the old Ê for this step's backward.
         self.expert_output_ema = torch.where(counts > 0, updated, self.expert_output_ema)
 
     def _aux(self, routing, batch: int, counts: torch.Tensor) -> MoEAux:
@@ -90,11 +94,12 @@ class MoELayer(nn.Module):
         if cfg.aux_loss_coef:
             balance = balance + cfg.aux_loss_coef * losses.aux_loss(probs, idx, cfg.top_k, self.stats_reduce)
         if cfg.seq_aux_loss_coef:
-            balance = balance + cfg.seq_aux_loss_coef * losses.sequence_aux_loss(probs, idx, cfg.top_k, batch)
+            balance = balance + cfg.seq_aux_loss_coef * losses.sequence_aux_loss(
+                probs, idx, cfg.top_k, batch, self.stats_reduce)
         if cfg.group_balance_coef:
             balance = balance + cfg.group_balance_coef * losses.group_balance_loss(
                 probs, idx, cfg.top_k, cfg.n_groups, self.stats_reduce)
-        z = cfg.z_loss_coef * losses.z_loss(routing.logits) if cfg.z_loss_coef else zero
+        z = cfg.z_loss_coef * losses.z_loss(routing.logits, self.stats_reduce) if cfg.z_loss_coef else zero
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
         return MoEAux(balance_loss=balance, z_loss=z, counts=counts.detach(), entropy=entropy, indices=idx)

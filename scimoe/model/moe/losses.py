@@ -1,9 +1,11 @@
 """Router balance terms: global-batch aux, sequence aux, z-loss, group-level balance, aux-free bias.
 
 Tested by `python -m pytest tests/model/test_balance_losses.py` against hand computations.
-Every function takes the router's fp32 probabilities/logits and the selected indices. `reduce`
-(identity on one process) sums a statistic over the data-parallel world so the loss is the
-global-batch one; the model never talks to process groups itself.
+Every term is written as this process's share of a global-batch sum: statistics that need the whole
+batch (expert counts, token and sequence totals) go through `reduce`, which sums them over the
+data-parallel ranks (identity on one process), while probabilities stay local. Summing the shares
+(and their gradients) over the ranks gives exactly the single-process loss and gradient. The model
+never talks to process groups itself: `reduce` is handed in by scimoe.parallel.
 """
 from __future__ import annotations
 
@@ -24,30 +26,29 @@ def expert_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def aux_loss(probs: torch.Tensor, indices: torch.Tensor, top_k: int, reduce: Reduce = None) -> torch.Tensor:
-    """E/(K·T)·Σ_i c_i·P_i with c_i the tokens sent to expert i and P_i its mean probability."""
+    """E/(K·T)·Σ_i c_i·P_i with c_i the tokens sent to expert i and P_i its mean probability (T global)."""
     num_experts = probs.shape[-1]
     counts = _reduced(expert_counts(indices, num_experts), reduce)
-    tokens = _reduced(torch.tensor(float(probs.shape[0])), reduce)
-    prob_sum = probs.sum(0)
-    if reduce is not None:
-        # Global P_i, with gradient flowing into this rank's own tokens only.
-        prob_sum = prob_sum + (reduce(prob_sum.detach()) - prob_sum.detach())
-    return num_experts / (top_k * tokens) * (counts * prob_sum / tokens).sum()
+    tokens = _reduced(probs.new_tensor(float(probs.shape[0])), reduce)
+    return num_experts / (top_k * tokens * tokens) * (counts * probs.sum(0)).sum()
 
 
-def sequence_aux_loss(probs: torch.Tensor, indices: torch.Tensor, top_k: int, batch: int) -> torch.Tensor:
-    """The aux form inside each sequence (probs laid out [B·S, E]), averaged over sequences."""
+def sequence_aux_loss(probs: torch.Tensor, indices: torch.Tensor, top_k: int, batch: int,
+                      reduce: Reduce = None) -> torch.Tensor:
+    """The aux form inside each sequence (probs laid out [B·S, E]), averaged over all sequences."""
     t, num_experts = probs.shape
     seq = t // batch
     counts = torch.zeros(batch, num_experts, device=probs.device)
     counts.scatter_add_(1, indices.view(batch, -1), torch.ones_like(indices.view(batch, -1), dtype=torch.float))
     mean_probs = probs.view(batch, seq, num_experts).mean(1)
-    return (num_experts / (top_k * seq) * (counts * mean_probs).sum(-1)).mean()
+    per_seq = num_experts / (top_k * seq) * (counts * mean_probs).sum(-1)
+    return per_seq.sum() / _reduced(probs.new_tensor(float(batch)), reduce)
 
 
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """mean_t (logsumexp z_t)²: keeps router logits small."""
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+def z_loss(logits: torch.Tensor, reduce: Reduce = None) -> torch.Tensor:
+    """mean_t (logsumexp z_t)² over all tokens: keeps router logits small."""
+    tokens = _reduced(logits.new_tensor(float(logits.shape[0])), reduce)
+    return torch.logsumexp(logits, dim=-1).pow(2).sum() / tokens
 
 
 def group_balance_loss(probs: torch.Tensor, indices: torch.Tensor, top_k: int, n_groups: int,
@@ -60,11 +61,8 @@ def group_balance_loss(probs: torch.Tensor, indices: torch.Tensor, top_k: int, n
     grouped = probs.view(t, n_groups, per_group)
     in_group = grouped / grouped.sum(-1, keepdim=True)
     counts = _reduced(expert_counts(indices, num_experts), reduce).view(n_groups, per_group)
-    tokens = _reduced(torch.tensor(float(t)), reduce)
-    prob_sum = in_group.sum(0)
-    if reduce is not None:
-        prob_sum = prob_sum + (reduce(prob_sum.detach()) - prob_sum.detach())
-    per_group_loss = per_group / (k_group * tokens) * (counts * prob_sum / tokens).sum(-1)
+    tokens = _reduced(probs.new_tensor(float(t)), reduce)
+    per_group_loss = per_group / (k_group * tokens * tokens) * (counts * in_group.sum(0)).sum(-1)
     return per_group_loss.mean()
 
 

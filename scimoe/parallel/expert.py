@@ -1,0 +1,77 @@
+"""Expert parallelism: experts sharded over the ep group, dropless all-to-all dispatch and combine.
+
+Tested by `tests/distributed/test_parity.py` (layouts ep2, ep4, ep2×dp2 against one process) and
+`tests/distributed/test_dispatch.py` (skewed routing, a rank that receives no token). Token counts are
+exchanged first, then token rows with uneven splits through the autograd-aware all_to_all_single.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.nn.functional import all_to_all_single
+
+from scimoe.model import MoETransformer
+from scimoe.model.moe.dispatch import Dispatched, weighted_sum_by_token
+
+
+@dataclass
+class ExpertParallelDispatched(Dispatched):
+    """Rows received for this rank's experts, plus what is needed to send results back."""
+
+    perm: torch.Tensor = None  # received-row index of each local-expert-sorted row
+    send_splits: list[int] = None
+    recv_splits: list[int] = None
+
+
+class ExpertParallelDispatcher:
+    """Global expert e lives on ep rank e // (E / ep); each rank runs its E/ep experts on all tokens
+    routed to them from the whole ep group."""
+
+    def __init__(self, num_experts: int, group, ep_rank: int, ep_size: int) -> None:
+        self.num_experts, self.group, self.ep_rank, self.ep_size = num_experts, group, ep_rank, ep_size
+        self.local = num_experts // ep_size
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> ExpertParallelDispatched:
+        flat = indices.flatten()
+        order = torch.argsort(flat, stable=True)  # by global expert, hence by destination rank
+        send_counts = torch.bincount(flat, minlength=self.num_experts)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # [source rank, local expert]
+        recv_counts = recv_counts.view(self.ep_size, self.local)
+        send_splits = send_counts.view(self.ep_size, self.local).sum(-1).tolist()
+        recv_splits = recv_counts.sum(-1).tolist()
+        rows = x[order // indices.shape[1]]
+        received = all_to_all_single(rows.new_empty(sum(recv_splits), x.shape[-1]), rows,
+                                     recv_splits, send_splits, group=self.group)
+        local_ids = torch.repeat_interleave(torch.arange(self.local).repeat(self.ep_size), recv_counts.flatten())
+        perm = torch.argsort(local_ids, stable=True)
+        return ExpertParallelDispatched(
+            x=received[perm], counts=recv_counts.sum(0), expert_ids=local_ids[perm] + self.ep_rank * self.local,
+            order=order, perm=perm, send_splits=send_splits, recv_splits=recv_splits)
+
+    def combine(self, out: torch.Tensor, weights: torch.Tensor, sent: ExpertParallelDispatched) -> torch.Tensor:
+        back = torch.empty_like(out).index_copy(0, sent.perm, out)  # to received order
+        returned = all_to_all_single(out.new_empty(sum(sent.send_splits), out.shape[-1]), back,
+                                     sent.send_splits, sent.recv_splits, group=self.group)
+        return weighted_sum_by_token(returned, weights, sent.order)
+
+
+def apply_expert_parallel(model: MoETransformer, group, ep_rank: int, ep_size: int) -> None:
+    """Keep this rank's slice of every MoE layer's experts and route tokens through the ep group."""
+    if ep_size == 1:
+        return
+    for moe in model.moe_layers():
+        experts = moe.experts
+        local = experts.num_experts // ep_size
+        keep = slice(ep_rank * local, (ep_rank + 1) * local)
+        experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.detach()[keep].clone())
+        experts.down_proj = torch.nn.Parameter(experts.down_proj.detach()[keep].clone())
+        experts.num_experts = local
+        moe.dispatcher = ExpertParallelDispatcher(experts.num_experts * ep_size, group, ep_rank, ep_size)
+
+
+def expert_parameters(model: MoETransformer) -> list[torch.nn.Parameter]:
+    """Parameters sharded over ep (reduced over expert-dp); everything else is dense (reduced over dp)."""
+    return [p for moe in model.moe_layers() for p in moe.experts.parameters()]

@@ -1,0 +1,51 @@
+"""`torchrun -m scimoe.train` on CPU with gloo: one run folder, one metrics.jsonl, resumable.
+
+Run: `python -m pytest tests/distributed/test_launch.py`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.distributed
+
+
+def torchrun(nproc: int, cwd, *overrides: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "scimoe.train", "data=synthetic", "data.synthetic_rows=32", "train.seq_len=32",
+           "train.global_batch=4", "train.micro_batch=1", *overrides]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_expert_parallel_launch_writes_one_run_and_resumes(tmp_path):
+    first = torchrun(2, tmp_path, "parallel.ep=2", "train.steps=3")
+    assert first.returncode == 0, first.stderr[-4000:]
+    runs = os.listdir(tmp_path / "outputs")
+    assert len(runs) == 1, runs  # both ranks agreed on the default run folder
+    run = tmp_path / "outputs" / runs[0]
+    ckpt = run / "checkpoints" / "step_00000003"
+    assert (ckpt / "COMPLETE").exists()
+    assert sorted(p for p in os.listdir(ckpt) if p.startswith("model")) == [
+        "model_rank00000.safetensors", "model_rank00001.safetensors"]
+    assert "TP1-PP1-EP2-DP2 rank 0" in first.stderr + first.stdout
+    again = torchrun(2, tmp_path, "parallel.ep=2", "train.steps=5", f"hydra.run.dir={run}")
+    assert again.returncode == 0, again.stderr[-4000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # one writer, resumed from step 3
+
+
+def test_resuming_with_another_world_size_is_refused_by_name(tmp_path):
+    first = torchrun(2, tmp_path, "train.steps=1", "hydra.run.dir=run")
+    assert first.returncode == 0, first.stderr[-4000:]
+    single = subprocess.run([sys.executable, "-m", "scimoe.train", "data=synthetic", "data.synthetic_rows=32",
+                             "train.seq_len=32", "train.global_batch=4", "train.micro_batch=1", "train.steps=2",
+                             "hydra.run.dir=run"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=REPO))
+    assert single.returncode != 0
+    assert "saved by 2 ranks" in single.stderr

@@ -1,0 +1,87 @@
+"""Every expert/data-parallel layout reproduces the single-process run (gloo, CPU):
+`python -m pytest tests/distributed -m distributed`.
+
+The reference runs in this process; each world size is one torchrun launch running all its layouts
+(tests/distributed/worker.py), from the same saved initial weights, on the same global batches.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from scimoe.model import build_model
+from scimoe.train.pretrain import pretrain
+from tests.distributed.parity_config import GLOBAL_BATCH, STEPS, parity_config
+
+WORKER = os.path.join(os.path.dirname(__file__), "worker.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOL = 1e-5
+
+pytestmark = pytest.mark.distributed
+
+
+def launch(nproc: int, spec: dict, tmp) -> dict:
+    spec = dict(spec, out=str(tmp / f"out{nproc}.json"))
+    path = tmp / f"spec{nproc}.json"
+    path.write_text(json.dumps(spec))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, WANDB_MODE="offline")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           WORKER, str(path)], capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads((tmp / f"out{nproc}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("parity")
+    cfg = parity_config(micro_batch=GLOBAL_BATCH // 2)
+    initial = build_model(cfg.model, seed=cfg.train.seed).state_dict()
+    save_file({k: v.contiguous() for k, v in initial.items()}, str(tmp / "initial.safetensors"))
+    run = pretrain(cfg, str(tmp / "single"), initial_state=initial, gather_final_weights=True)
+    assert len(run.records) == STEPS
+    (tmp / "reference.json").write_text(json.dumps({"losses": [r["loss"] for r in run.records],
+                                                    "grad_norms": [r["grad_norm"] for r in run.records]}))
+    save_file({k: v.contiguous() for k, v in run.final_weights.items()}, str(tmp / "final.safetensors"))
+    assert any(r["grad_norm"] > cfg.train.grad_clip for r in run.records), "clipping should be exercised"
+    return {"reference": str(tmp / "reference.json"), "initial_weights": str(tmp / "initial.safetensors"),
+            "final_weights": str(tmp / "final.safetensors"), "workdir": str(tmp)}
+
+
+def _assert_parity(results: dict, names: list[str]) -> None:
+    assert sorted(results) == sorted(names)
+    for name, r in results.items():
+        assert r["steps"] == STEPS, name
+        assert r["loss_rel"] < TOL, (name, r)
+        assert r["grad_norm_rel"] < TOL, (name, r)
+        assert r["weight_rel"] < TOL, (name, r)
+
+
+def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference, tmp_path):
+    layouts = [{"name": "ep2", "ep": 2, "micro_batch": GLOBAL_BATCH // 4},
+               {"name": "dp2", "ep": 1, "micro_batch": GLOBAL_BATCH // 4}]
+    out = launch(2, {"parity": dict(reference, layouts=layouts), "dispatch": True, "grad_norm": True}, tmp_path)
+    _assert_parity(out["parity"], ["ep2", "dp2"])
+    for rank, cases in out["dispatch"].items():
+        for case, r in cases.items():
+            assert r["y"] < 1e-5 and r["x_grad"] < 1e-5 and r["expert_grad"] < 1e-5, (rank, case, r)
+    assert out["dispatch"]["rank1"]["all_on_rank0"]["received"] == 0  # a rank with zero tokens
+    assert out["dispatch"]["rank0"]["all_on_rank0"]["received"] == 2 * (3 + 5)  # every copy from both ranks
+    gn = out["grad_norm"]
+    assert gn["norm"] == pytest.approx(gn["expected"], rel=1e-9)
+    assert gn["norm_after_clip"] == pytest.approx(1.0, rel=1e-5)
+
+
+def test_four_rank_layouts_match_single_process(reference, tmp_path):
+    layouts = [{"name": "ep4", "ep": 4, "micro_batch": GLOBAL_BATCH // 8},
+               {"name": "ep2xdp2", "ep": 2, "micro_batch": GLOBAL_BATCH // 8},
+               {"name": "dp4", "ep": 1, "micro_batch": GLOBAL_BATCH // 8}]
+    out = launch(4, {"parity": dict(reference, layouts=layouts), "dispatch": True}, tmp_path)
+    _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4"])
+    for rank in ("rank1", "rank2", "rank3"):
+        assert out["dispatch"][rank]["all_on_rank0"]["received"] == 0

@@ -71,6 +71,9 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, dense=i < cfg.moe.dense_layers) for i in range(cfg.layers))
         self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.token_loss = None
+        """Per-token loss (logits, labels) → [B, T], 0 where labels == −100; None = plain cross-entropy.
+        Tensor parallelism installs megatron's vocab-parallel cross-entropy here."""
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -110,8 +113,11 @@ class MoETransformer(nn.Module):
         zero = logits.new_zeros((), dtype=torch.float32)
         loss_sum, label_tokens = zero, 0
         if labels is not None:
-            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                       reduction="sum")
+            if self.token_loss is None:
+                loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                           reduction="sum")
+            else:
+                loss_sum = self.token_loss(logits, labels).sum()
             label_tokens = int((labels != -100).sum())
         return ModelOutput(
             logits=logits, loss_sum=loss_sum, label_tokens=label_tokens,

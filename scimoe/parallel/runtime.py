@@ -20,6 +20,8 @@ from scimoe.model import MoETransformer
 from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.expert import apply_expert_parallel, expert_parameters
 from scimoe.parallel.state import Groups
+from scimoe.parallel.tensor import (apply_tensor_parallel, gather_tensor_parallel, is_tensor_parallel,
+                                    partial_grad_parameters)
 
 
 class Runtime:
@@ -41,7 +43,7 @@ class Runtime:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
 
     def full_state_dict(self, model: MoETransformer) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
     def barrier(self) -> None:
         pass
@@ -58,7 +60,7 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], group) -> None:
 
 
 class DistributedRuntime(Runtime):
-    """Expert parallel inside data parallel (tp = pp = 1)."""
+    """Tensor, expert and data parallelism (tp×dp or ep×dp; pipeline parallelism is not built yet)."""
 
     def __init__(self, dims: ParallelDims, groups: Groups) -> None:
         self.dims, self.groups = dims, groups
@@ -69,30 +71,41 @@ class DistributedRuntime(Runtime):
         return out
 
     def prepare(self, model: MoETransformer) -> None:
+        apply_tensor_parallel(model, self.groups.tp, self.groups.tp_rank, self.dims.tp)
         apply_expert_parallel(model, self.groups.ep, self.groups.ep_rank, self.dims.ep)
         for moe in model.moe_layers():
             moe.stats_reduce = self.reduce_sum
 
     def _split(self, model: MoETransformer):
-        experts = {id(p) for p in expert_parameters(model)}
+        """(dense, expert-sharded) parameters. Without ep the experts are replicated like dense weights
+        (also across tp: our MoE runs whole on each tp rank, unlike megatron's etp=1 token split, so
+        megatron's expert-dp group, which spans tp, must not be used for them)."""
+        experts = {id(p) for p in expert_parameters(model)} if self.dims.ep > 1 else set()
         params = list(model.parameters())
         return [p for p in params if id(p) not in experts], [p for p in params if id(p) in experts]
 
     def sync_grads(self, model: MoETransformer) -> None:
         dense, experts = self._split(model)
-        _all_reduce_grads(dense, self.groups.dp)
+        if self.dims.tp > 1:
+            _all_reduce_grads(partial_grad_parameters(model), self.groups.tp)
+        if self.dims.dp > 1:
+            _all_reduce_grads(dense, self.groups.dp)
         if self.dims.dp // self.dims.ep > 1:
             _all_reduce_grads(experts, self.groups.expert_dp)
 
     def clip_grad_norm(self, model: MoETransformer, max_norm: float) -> float:
-        """‖g‖ over the whole model: dense grads are identical on all ranks after sync, expert grads
-        differ across the ep group (different experts) and are replicated across expert-dp."""
+        """‖g‖ over the whole model, every element counted once: replicated grads are identical on all
+        ranks after sync; tensor-parallel shards are summed over tp; expert shards over ep (they are
+        replicated across expert-dp)."""
         dense, experts = self._split(model)
         sq = lambda ps: sum((p.grad.double().pow(2).sum() for p in ps if p.grad is not None), torch.zeros((), dtype=torch.float64))  # noqa: E731
+        tp_sq = sq([p for p in dense if is_tensor_parallel(p)])
+        if self.dims.tp > 1:
+            dist.all_reduce(tp_sq, group=self.groups.tp)
         expert_sq = sq(experts)
         if self.dims.ep > 1:
             dist.all_reduce(expert_sq, group=self.groups.ep)
-        total = float(torch.sqrt(sq(dense) + expert_sq))
+        total = float(torch.sqrt(sq([p for p in dense if not is_tensor_parallel(p)]) + tp_sq + expert_sq))
         if max_norm > 0 and math.isfinite(total):
             coef = min(1.0, max_norm / (total + 1e-6))
             if coef < 1.0:
@@ -102,8 +115,10 @@ class DistributedRuntime(Runtime):
         return total
 
     def full_state_dict(self, model: MoETransformer) -> dict[str, torch.Tensor]:
-        """The single-process state dict: expert shards gathered over the ep group."""
+        """The single-process state dict: TP shards gathered over tp, expert shards over ep."""
         state = super().full_state_dict(model)
+        if self.dims.tp > 1:
+            state = gather_tensor_parallel(model, state, self.groups.tp, self.dims.tp)
         if self.dims.ep == 1:
             return state
         for name in [k for k in state if k.endswith(("gate_up_proj", "down_proj")) and ".experts." in k]:

@@ -65,6 +65,11 @@ def _torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
+def tensor_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors (megatron layers add `_extra_state` entries that are None)."""
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
 def _noop() -> None:
     pass
 
@@ -82,7 +87,7 @@ def save(run_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim
         os.makedirs(tmp)
     barrier()
     suffix = "" if world == 1 else f"_rank{rank:05d}"
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = tensor_state(model)
     save_file(weights, os.path.join(tmp, f"model{suffix}.safetensors"), metadata={"step": str(step)})
     with open(os.path.join(tmp, f"model{suffix}.safetensors"), "rb+") as f:
         os.fsync(f.fileno())
@@ -146,11 +151,12 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
                          "resuming into another layout is not supported yet")
     suffix = "" if world == 1 else f"_rank{rank:05d}"
     weights = load_file(os.path.join(path, f"model{suffix}.safetensors"))
-    missing, unexpected = set(model.state_dict()) - set(weights), set(weights) - set(model.state_dict())
+    expected = set(tensor_state(model))
+    missing, unexpected = expected - set(weights), set(weights) - expected
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
-    model.load_state_dict(weights)
+    model.load_state_dict(weights, strict=False)  # non-tensor entries (megatron's _extra_state) stay
     optimizer.load_state_dict(torch.load(os.path.join(path, f"optimizer{suffix}.pt"), weights_only=False))
     state = torch.load(os.path.join(path, f"train_state{suffix}.pt"), weights_only=False)
     scheduler.load_state_dict(state["scheduler"])

@@ -64,9 +64,10 @@ def _assert_parity(results: dict, names: list[str]) -> None:
 
 def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference, tmp_path):
     layouts = [{"name": "ep2", "ep": 2, "micro_batch": GLOBAL_BATCH // 4},
-               {"name": "dp2", "ep": 1, "micro_batch": GLOBAL_BATCH // 4}]
+               {"name": "dp2", "ep": 1, "micro_batch": GLOBAL_BATCH // 4},
+               {"name": "tp2", "tp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2}]
     out = launch(2, {"parity": dict(reference, layouts=layouts), "dispatch": True, "grad_norm": True}, tmp_path)
-    _assert_parity(out["parity"], ["ep2", "dp2"])
+    _assert_parity(out["parity"], ["ep2", "dp2", "tp2"])
     for rank, cases in out["dispatch"].items():
         for case, r in cases.items():
             assert r["y"] < 1e-5 and r["x_grad"] < 1e-5 and r["expert_grad"] < 1e-5, (rank, case, r)
@@ -80,8 +81,9 @@ def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference
 def test_four_rank_layouts_match_single_process(reference, tmp_path):
     layouts = [{"name": "ep4", "ep": 4, "micro_batch": GLOBAL_BATCH // 8},
                {"name": "ep2xdp2", "ep": 2, "micro_batch": GLOBAL_BATCH // 8},
-               {"name": "dp4", "ep": 1, "micro_batch": GLOBAL_BATCH // 8}]
+               {"name": "dp4", "ep": 1, "micro_batch": GLOBAL_BATCH // 8},
+               {"name": "tp2xdp2", "tp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 4}]
     out = launch(4, {"parity": dict(reference, layouts=layouts), "dispatch": True}, tmp_path)
-    _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4"])
+    _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4", "tp2xdp2"])
     for rank in ("rank1", "rank2", "rank3"):
         assert out["dispatch"][rank]["all_on_rank0"]["received"] == 0

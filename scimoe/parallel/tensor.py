@@ -1,0 +1,123 @@
+"""Tensor parallelism with megatron-core's layers, applied to a built single-process model.
+
+Tested by `tests/distributed/test_parity.py` (tp2 and tp2×dp2 against one process). Following
+torchtitan's pattern, the full model is initialised as on one process and then sharded: q/k/v and the
+LM head become ColumnParallelLinear (heads / vocabulary split), o_proj RowParallelLinear, the token
+embedding VocabParallelEmbedding, the LM loss megatron's vocab_parallel_cross_entropy, and FoPE's
+per-KV-head tables keep the local heads. The MoE blocks stay whole on every tensor-parallel rank
+(expert tensor parallelism, `parallel.etp`, is not built): their input is the replicated residual
+stream, so they compute the same values and gradients on each rank.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from scimoe.model import MoETransformer
+from scimoe.model.rotary import FoPE
+
+def _megatron_classes():
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    class Column(ColumnParallelLinear):
+        """ColumnParallelLinear that returns only its output, like nn.Linear."""
+
+        def forward(self, x):  # noqa: D102
+            return super().forward(x)[0]
+
+    class Row(RowParallelLinear):
+        """RowParallelLinear that returns only its output, like nn.Linear."""
+
+        def forward(self, x):  # noqa: D102
+            return super().forward(x)[0]
+
+    return Column, Row, VocabParallelEmbedding
+
+
+def _model_parallel_config(tp: int):
+    from megatron.core import ModelParallelConfig
+
+    return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                               perform_initialization=False, params_dtype=torch.float32)
+
+
+def _shard(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    return full.detach().chunk(size, dim=dim)[rank].clone()
+
+
+def _replace(parent: nn.Module, name: str, new: nn.Module, full_weight: torch.Tensor, dim: int, rank: int,
+             size: int) -> None:
+    with torch.no_grad():
+        new.weight.copy_(_shard(full_weight, dim, rank, size))
+    # megatron sets these only when it initialises the weight itself; we copy ours in instead.
+    new.weight.tensor_model_parallel, new.weight.partition_dim = True, dim
+    setattr(parent, name, new)
+
+
+def apply_tensor_parallel(model: MoETransformer, tp_group, tp_rank: int, tp_size: int) -> None:
+    """Shard attention, embedding and LM head over the tensor-parallel group, in place."""
+    if tp_size == 1:
+        return
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    cfg = model.cfg
+    if cfg.heads % tp_size or cfg.kv_heads % tp_size or cfg.vocab_size % tp_size:
+        raise ValueError(f"parallel.tp ({tp_size}) must divide model.heads ({cfg.heads}), model.kv_heads "
+                         f"({cfg.kv_heads}) and model.vocab_size ({cfg.vocab_size})")
+    Column, Row, VocabEmbedding = _megatron_classes()
+    mp = _model_parallel_config(tp_size)
+    init = lambda w: None  # noqa: E731  (weights are copied from the full model below)
+    h, hd = cfg.hidden, cfg.head_dim
+    for layer in model.layers:
+        attn = layer.self_attn
+        for name, width in (("q_proj", cfg.heads * hd), ("k_proj", cfg.kv_heads * hd), ("v_proj", cfg.kv_heads * hd)):
+            new = Column(h, width, config=mp, init_method=init, bias=False, gather_output=False, tp_group=tp_group)
+            _replace(attn, name, new, getattr(attn, name).weight, 0, tp_rank, tp_size)
+        new = Row(cfg.heads * hd, h, config=mp, init_method=init, bias=False, input_is_parallel=True,
+                  skip_bias_add=False, tp_group=tp_group)
+        _replace(attn, "o_proj", new, attn.o_proj.weight, 1, tp_rank, tp_size)
+        attn.heads, attn.kv_heads = cfg.heads // tp_size, cfg.kv_heads // tp_size
+    embed = VocabEmbedding(cfg.vocab_size, h, init_method=init, config=mp, tp_group=tp_group)
+    _replace(model, "embed_tokens", embed, model.embed_tokens.weight, 0, tp_rank, tp_size)
+    head = Column(h, cfg.vocab_size, config=mp, init_method=init, bias=False, gather_output=False, tp_group=tp_group)
+    _replace(model, "lm_head", head, model.lm_head.weight, 0, tp_rank, tp_size)
+    if isinstance(model.rotary, FoPE) and model.rotary.cos_coef.shape[0] > 1:
+        for name in ("cos_coef", "sin_coef"):
+            local = nn.Parameter(_shard(getattr(model.rotary, name), 0, tp_rank, tp_size))
+            local.tensor_model_parallel, local.partition_dim = True, 0
+            setattr(model.rotary, name, local)
+
+    def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        mask = labels != -100
+        losses = vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(~mask, 0))
+        return losses * mask
+
+    model.token_loss = token_loss
+
+
+def is_tensor_parallel(param: torch.Tensor) -> bool:
+    """True for a tensor-parallel shard (megatron's attribute, also set on our FoPE shards)."""
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def partial_grad_parameters(model: MoETransformer) -> list[nn.Parameter]:
+    """Replicated weights whose gradient each TP rank sees only in part: the q/k norms (shared by all
+    heads, each rank holds some heads) and a single shared FoPE table. Their grads are summed over tp."""
+    params = [p for layer in model.layers for p in (layer.self_attn.q_norm.weight, layer.self_attn.k_norm.weight)]
+    if isinstance(model.rotary, FoPE) and not is_tensor_parallel(model.rotary.cos_coef):
+        params += [model.rotary.cos_coef, model.rotary.sin_coef]
+    return params
+
+
+def gather_tensor_parallel(model: MoETransformer, state: dict[str, torch.Tensor], tp_group,
+                           tp_size: int) -> dict[str, torch.Tensor]:
+    """Turn this rank's state dict into the single-process one by all-gathering every TP shard."""
+    import torch.distributed as dist
+
+    for name, param in model.named_parameters():
+        if not is_tensor_parallel(param):
+            continue
+        parts = [torch.empty_like(param) for _ in range(tp_size)]
+        dist.all_gather(parts, param.detach().contiguous(), group=tp_group)
+        state[name] = torch.cat(parts, dim=param.partition_dim)
+    return state

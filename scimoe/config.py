@@ -212,10 +212,13 @@ class ParallelConfig:
     """Expert-parallel size."""
     etp: int = 1
     """Expert tensor-parallel size."""
+    zero: int = 1
+    """Optimizer-state sharding over data-parallel ranks: 0 = every rank keeps all AdamW state, 1 = ZeRO-1."""
 
     def __post_init__(self) -> None:
         for key in ("tp", "pp", "ep", "etp"):
             _require(getattr(self, key) >= 1, f"parallel.{key}", "must be >= 1")
+        _require(self.zero in (0, 1), "parallel.zero", f"must be 0 or 1, got {self.zero}")
 
 
 @dataclass

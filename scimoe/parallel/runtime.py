@@ -38,6 +38,10 @@ class Runtime:
     def sync_grads(self, model: MoETransformer) -> None:
         pass
 
+    def optimizer_shards(self, model: MoETransformer, zero: int) -> list | None:
+        """[(params, group)] for ZeRO-1 sharding; None = one plain optimizer (nothing to shard over)."""
+        return None
+
     def clip_grad_norm(self, model: MoETransformer, max_norm: float) -> float:
         params = [p for p in model.parameters() if p.grad is not None]
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
@@ -83,6 +87,14 @@ class DistributedRuntime(Runtime):
         experts = {id(p) for p in expert_parameters(model)} if self.dims.ep > 1 else set()
         params = list(model.parameters())
         return [p for p in params if id(p) not in experts], [p for p in params if id(p) in experts]
+
+    def optimizer_shards(self, model: MoETransformer, zero: int) -> list | None:
+        if zero == 0:
+            return None
+        dense, experts = self._split(model)
+        expert_dp = self.dims.dp // self.dims.ep
+        return [(dense, self.groups.dp if self.dims.dp > 1 else None),
+                (experts, self.groups.expert_dp if expert_dp > 1 else None)]
 
     def sync_grads(self, model: MoETransformer) -> None:
         dense, experts = self._split(model)

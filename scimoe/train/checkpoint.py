@@ -74,8 +74,8 @@ def _noop() -> None:
     pass
 
 
-def save(run_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         scheduler: Any, loader_state: dict, config_yaml: str, rank: int = 0, world: int = 1,
+def save(run_dir: str, step: int, model: torch.nn.Module, optimizer: Any,
+         loader_state: dict, config_yaml: str, rank: int = 0, world: int = 1,
          barrier: Callable[[], None] = _noop) -> str:
     """Write checkpoint `step` atomically (every rank calls this) and return its folder."""
     final = step_dir(run_dir, step)
@@ -92,7 +92,7 @@ def save(run_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim
     with open(os.path.join(tmp, f"model{suffix}.safetensors"), "rb+") as f:
         os.fsync(f.fileno())
     _fsync_write(os.path.join(tmp, f"optimizer{suffix}.pt"), _torch_bytes(optimizer.state_dict()))
-    train_state = {"step": step, "scheduler": scheduler.state_dict(), "loader": loader_state, "rng": rng_state(),
+    train_state = {"step": step, "loader": loader_state, "rng": rng_state(),
                    "world": world}
     _fsync_write(os.path.join(tmp, f"train_state{suffix}.pt"), _torch_bytes(train_state))
     barrier()
@@ -141,9 +141,8 @@ def find_resume_path(run_dir: str, resume: str) -> str | None:
     return resume
 
 
-def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-         rank: int = 0, world: int = 1) -> dict:
-    """Restore model, optimizer, scheduler and RNG from `path`; returns the train state (step, loader)."""
+def load(path: str, model: torch.nn.Module, optimizer: Any, rank: int = 0, world: int = 1) -> dict:
+    """Restore model, optimizer and RNG from `path`; returns the train state (step, loader)."""
     with open(os.path.join(path, MARKER)) as f:
         saved_world = json.load(f).get("world", 1)
     if saved_world != world:
@@ -159,7 +158,6 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
     model.load_state_dict(weights, strict=False)  # non-tensor entries (megatron's _extra_state) stay
     optimizer.load_state_dict(torch.load(os.path.join(path, f"optimizer{suffix}.pt"), weights_only=False))
     state = torch.load(os.path.join(path, f"train_state{suffix}.pt"), weights_only=False)
-    scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state
 

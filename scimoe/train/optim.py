@@ -1,6 +1,9 @@
-"""AdamW with decoupled decay on matrices only, and a linear warm-up + cosine learning-rate schedule.
+"""AdamW with decoupled decay on matrices only, optionally ZeRO-1 sharded, and the LR schedule.
 
-Tested by `python -m pytest tests/train/test_optim.py`.
+Tested by `python -m pytest tests/train/test_optim.py tests/distributed`. The learning rate is a pure
+function of the step (`lr_at`), set before every update, so resuming needs no scheduler state.
+ZeRO-1 uses torch's ZeroRedundancyOptimizer: dense weights' AdamW state is sharded over the dp group
+and expert weights' over the expert-dp group (docs/design.md says why not megatron's or DeepSpeed's).
 """
 from __future__ import annotations
 
@@ -31,8 +34,57 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.lr)
-    return optimizer, scheduler
+class OptimizerSet:
+    """One or more optimizers (dense / expert shards) stepped together as one."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    def set_lr(self, lr: float) -> None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        """This rank's optimizer state (its ZeRO shard when sharded)."""
+        return {"optimizers": [getattr(opt, "optim", opt).state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise ValueError("optimizer state was saved with a different sharding (parallel.zero or layout)")
+        for opt, saved in zip(self.optimizers, state["optimizers"]):
+            getattr(opt, "optim", opt).load_state_dict(saved)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig,
+                    shards: list[tuple[list[nn.Parameter], object]] | None = None) -> OptimizerSet:
+    """AdamW over `model`; `shards` = [(params, process group or None)] asks for ZeRO-1 per group."""
+    kwargs = dict(lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+    if not shards:
+        return OptimizerSet([torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)])
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    optimizers = []
+    for params, group in shards:
+        members = {id(p) for p in params}
+        groups = [dict(g, params=[p for p in g["params"] if id(p) in members]) for g in param_groups(model, cfg.weight_decay)]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            continue
+        if group is None:
+            optimizers.append(torch.optim.AdamW(groups, **kwargs))
+        else:
+            zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW, process_group=group,
+                                           weight_decay=groups[0]["weight_decay"], **kwargs)
+            for extra in groups[1:]:
+                zero.add_param_group(extra)
+            optimizers.append(zero)
+    return OptimizerSet(optimizers)

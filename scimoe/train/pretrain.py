@@ -24,7 +24,7 @@ from scimoe.parallel.runtime import make_runtime
 from scimoe.parallel.state import dims_from_env, init_process_groups, rank_grid
 from scimoe.train import checkpoint
 from scimoe.train.metrics import make_logger, moe_health
-from scimoe.train.optim import build_optimizer
+from scimoe.train.optim import build_optimizer, lr_at
 from scimoe.train.step import train_step
 
 log = logging.getLogger("scimoe")
@@ -38,6 +38,8 @@ class PretrainResult:
     """The per-step metrics (the same on every rank)."""
     final_weights: dict | None = None
     """The full single-process state dict after training (gathered over ranks), when asked for."""
+    optimizer_state_numel: int = 0
+    """Elements of optimizer state held by this rank (ZeRO-1 shards it)."""
 
 
 def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initial_state: dict | None = None,
@@ -65,13 +67,13 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
     rows = build_rows(cfg, run_dir)
     dp_rank = runtime.groups.dp_rank if not dims.is_single_process else 0
     loader = StepLoader(rows, cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seed, dp_rank, dims.dp)
-    optimizer, scheduler = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, runtime.optimizer_shards(model, cfg.parallel.zero))
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
     start = 0
     resume_path = checkpoint.find_resume_path(run_dir, cfg.checkpoint.resume)
     if resume_path:
-        state = checkpoint.load(resume_path, model, optimizer, scheduler, dims.rank, dims.world_size)
+        state = checkpoint.load(resume_path, model, optimizer, dims.rank, dims.world_size)
         loader.load_state_dict(state["loader"])
         start = state["step"]
         log.info("resumed from %s (step %d)", resume_path, start)
@@ -82,9 +84,9 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
     try:
         for step in range(start, cfg.train.steps):
             began = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
+            lr = lr_at(step, cfg.train)
+            optimizer.set_lr(lr)
             result = train_step(model, optimizer, loader.next_step(), cfg.train.grad_clip, cfg.train.dtype, runtime)
-            scheduler.step()
             elapsed = time.perf_counter() - began
             record = {
                 "step": step + 1, "loss": result.loss, "lm_loss": result.lm_loss,
@@ -106,7 +108,7 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
             last = step + 1 == cfg.train.steps
             leaving = cfg.train.exit_after_steps and step + 1 - start >= cfg.train.exit_after_steps
             if last or leaving or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
-                path = checkpoint.save(run_dir, step + 1, model, optimizer, scheduler, loader.state_dict(),
+                path = checkpoint.save(run_dir, step + 1, model, optimizer, loader.state_dict(),
                                        config_yaml, dims.rank, dims.world_size, runtime.barrier)
                 if dims.rank == 0:
                     checkpoint.prune(run_dir, cfg.checkpoint.keep_last)
@@ -117,4 +119,6 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
     finally:
         logger.close()
     final = runtime.full_state_dict(model) if gather_final_weights else None
-    return PretrainResult(records=records, final_weights=final)
+    state_numel = sum(t.numel() for opt in optimizer.state_dict()["optimizers"] for st in opt["state"].values()
+                      for t in st.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return PretrainResult(records=records, final_weights=final, optimizer_state_numel=state_numel)

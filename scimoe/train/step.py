@@ -41,7 +41,7 @@ def autocast_context(dtype: str):
     return contextlib.nullcontext()
 
 
-def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, microbatches: list[dict[str, torch.Tensor]],
+def train_step(model: MoETransformer, optimizer, microbatches: list[dict[str, torch.Tensor]],
                grad_clip: float, dtype: str = "fp32", runtime: Runtime | None = None) -> StepResult:
     """Forward/backward every micro-batch, sync and clip gradients, and step unless non-finite."""
     runtime = runtime or Runtime()
@@ -78,7 +78,7 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, microbat
     else:
         for moe in model.moe_layers():
             moe.load_since_update.zero_()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()
     counts = [runtime.reduce_sum(c) for c in counts]
     tokens = int(runtime.reduce_sum(torch.tensor(sum(mb["input_ids"].numel() for mb in microbatches))))
     return StepResult(loss=total, lm_loss=lm_loss, balance_loss=balance, z_loss=z, grad_norm=grad_norm,

@@ -46,7 +46,8 @@ def reference(tmp_path_factory):
     run = pretrain(cfg, str(tmp / "single"), initial_state=initial, gather_final_weights=True)
     assert len(run.records) == STEPS
     (tmp / "reference.json").write_text(json.dumps({"losses": [r["loss"] for r in run.records],
-                                                    "grad_norms": [r["grad_norm"] for r in run.records]}))
+                                                    "grad_norms": [r["grad_norm"] for r in run.records],
+                                                    "optimizer_state_numel": run.optimizer_state_numel}))
     save_file({k: v.contiguous() for k, v in run.final_weights.items()}, str(tmp / "final.safetensors"))
     assert any(r["grad_norm"] > cfg.train.grad_clip for r in run.records), "clipping should be exercised"
     return {"reference": str(tmp / "reference.json"), "initial_weights": str(tmp / "initial.safetensors"),
@@ -65,9 +66,14 @@ def _assert_parity(results: dict, names: list[str]) -> None:
 def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference, tmp_path):
     layouts = [{"name": "ep2", "ep": 2, "micro_batch": GLOBAL_BATCH // 4},
                {"name": "dp2", "ep": 1, "micro_batch": GLOBAL_BATCH // 4},
-               {"name": "tp2", "tp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2}]
+               {"name": "tp2", "tp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
+               {"name": "dp2_zero0", "ep": 1, "zero": 0, "micro_batch": GLOBAL_BATCH // 4}]
     out = launch(2, {"parity": dict(reference, layouts=layouts), "dispatch": True, "grad_norm": True}, tmp_path)
-    _assert_parity(out["parity"], ["ep2", "dp2", "tp2"])
+    _assert_parity(out["parity"], ["ep2", "dp2", "tp2", "dp2_zero0"])
+    # ZeRO-1 (the default) holds about half the AdamW state per rank at dp2; zero=0 holds all of it.
+    assert 0.3 < out["parity"]["dp2"]["optimizer_state_share"] < 0.7
+    assert out["parity"]["dp2_zero0"]["optimizer_state_share"] == 1.0
+    assert out["parity"]["tp2"]["optimizer_state_share"] < 1.0  # attention/vocab shards
     for rank, cases in out["dispatch"].items():
         for case, r in cases.items():
             assert r["y"] < 1e-5 and r["x_grad"] < 1e-5 and r["expert_grad"] < 1e-5, (rank, case, r)
@@ -85,5 +91,6 @@ def test_four_rank_layouts_match_single_process(reference, tmp_path):
                {"name": "tp2xdp2", "tp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 4}]
     out = launch(4, {"parity": dict(reference, layouts=layouts), "dispatch": True}, tmp_path)
     _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4", "tp2xdp2"])
+    assert 0.15 < out["parity"]["dp4"]["optimizer_state_share"] < 0.35
     for rank in ("rank1", "rank2", "rank3"):
         assert out["dispatch"][rank]["all_on_rank0"]["received"] == 0

@@ -35,12 +35,14 @@ def rel(a: float, b: float) -> float:
 
 def run_parity(spec: dict, rank: int, world: int) -> dict:
     ref = json.load(open(spec["reference"]))
+    ref_state_numel = ref["optimizer_state_numel"]
     initial = load_file(spec["initial_weights"])
     final_ref = load_file(spec["final_weights"])
     results = {}
     for layout in spec["layouts"]:
         cfg = parity_config(micro_batch=layout["micro_batch"])
         cfg.parallel.ep, cfg.parallel.tp = layout["ep"], layout.get("tp", 1)
+        cfg.parallel.zero = layout.get("zero", 1)
         dims = ParallelDims(world_size=world, rank=rank, ep=layout["ep"], tp=layout.get("tp", 1))
         run = pretrain(cfg, os.path.join(spec["workdir"], layout["name"]), dims=dims, initial_state=initial,
                        gather_final_weights=True)
@@ -56,6 +58,7 @@ def run_parity(spec: dict, rank: int, world: int) -> dict:
             "grad_norm_rel": max(rel(g[1], w[1]) for g, w in zip(got, want)),
             "grad_norm_rel_per_step": [rel(g[1], w[1]) for g, w in zip(got, want)],
             "weight_rel": deviations[worst], "worst_weight": worst, "steps": len(got),
+            "optimizer_state_share": run.optimizer_state_numel / ref_state_numel,
         }
     return results
 

@@ -212,6 +212,8 @@ class ParallelConfig:
     """Expert-parallel size."""
     etp: int = 1
     """Expert tensor-parallel size."""
+    pp_layers: Optional[list[int]] = None
+    """Decoder layers per pipeline stage (e.g. [3, 5]); None splits evenly."""
     zero: int = 1
     """Optimizer-state sharding over data-parallel ranks: 0 = every rank keeps all AdamW state, 1 = ZeRO-1."""
 

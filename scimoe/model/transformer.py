@@ -97,21 +97,44 @@ class MoETransformer(nn.Module):
                 buf.zero_()
 
     def moe_layers(self) -> list[MoELayer]:
-        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoELayer)]
+        # A pipeline stage replaces the layers it does not run with placeholders (no `mlp`).
+        return [layer.mlp for layer in self.layers if isinstance(getattr(layer, "mlp", None), MoELayer)]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None,
                 replay: list[torch.Tensor] | None = None) -> ModelOutput:
-        x = self.embed_tokens(input_ids)
+        x, auxes = self.run_layers(self.embed_tokens(input_ids), positions, range(len(self.layers)), replay)
+        logits, loss_sum, label_tokens = self.output(x, labels)
+        zero = loss_sum.new_zeros(())
+        return ModelOutput(
+            logits=logits, loss_sum=loss_sum, label_tokens=label_tokens,
+            balance_loss=sum((a.balance_loss for a in auxes), zero),
+            z_loss=sum((a.z_loss for a in auxes), zero), moe=auxes)
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, layer_ids: range,
+                   replay: list[torch.Tensor] | None = None,
+                   aux_grad_scale: float | None = None) -> tuple[torch.Tensor, list[MoEAux]]:
+        """Decoder layers `layer_ids` (a pipeline stage runs its own range).
+
+        `replay[j]` forces the experts of the j-th MoE layer of the whole model. With `aux_grad_scale`
+        each MoE layer's balance and z terms are attached to the hidden states, so their gradient (times
+        the scale) flows in the backward of the activations; pipeline stages need this because only the
+        last stage owns the loss."""
         rotary = self.rotary(positions)
         mask = document_causal_mask(positions)
         auxes: list[MoEAux] = []
-        for layer in self.layers:
-            x, aux = layer(x, rotary, mask, replay[len(auxes)] if replay is not None else None)
+        for i in layer_ids:
+            moe_index = i - min(i, self.cfg.moe.dense_layers)
+            x, aux = self.layers[i](x, rotary, mask, replay[moe_index] if replay is not None else None)
             if aux is not None:
                 auxes.append(aux)
+                if aux_grad_scale is not None:
+                    x = _AttachLoss.apply(x, (aux.balance_loss + aux.z_loss) * aux_grad_scale)
+        return x, auxes
+
+    def output(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Final norm and LM head; (logits, sum of token losses, label count)."""
         logits = self.lm_head(self.norm(x))
-        zero = logits.new_zeros((), dtype=torch.float32)
-        loss_sum, label_tokens = zero, 0
+        loss_sum, label_tokens = logits.new_zeros((), dtype=torch.float32), 0
         if labels is not None:
             if self.token_loss is None:
                 loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
@@ -119,10 +142,20 @@ class MoETransformer(nn.Module):
             else:
                 loss_sum = self.token_loss(logits, labels).sum()
             label_tokens = int((labels != -100).sum())
-        return ModelOutput(
-            logits=logits, loss_sum=loss_sum, label_tokens=label_tokens,
-            balance_loss=sum((a.balance_loss for a in auxes), zero),
-            z_loss=sum((a.z_loss for a in auxes), zero), moe=auxes)
+        return logits, loss_sum, label_tokens
+
+
+class _AttachLoss(torch.autograd.Function):
+    """Identity on x whose backward also sends gradient 1 into `loss` (Megatron's aux-loss trick)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        ctx.loss_shape = loss.shape
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        return grad, torch.ones(ctx.loss_shape, dtype=torch.float32, device=grad.device)
 
 
 def build_model(cfg: ModelConfig, seed: int | None = None) -> MoETransformer:

@@ -18,6 +18,9 @@ PATCHES: list[tuple[str, str]] = [
     ("torch.cuda.synchronize", "pipeline_parallel/schedules.py, timers: nothing to wait for on CPU"),
     ("torch.cuda.current_device", "moe/router.py, moe/experts.py, tensor_parallel/layers.py: device=... for "
      "tensor creation; mapped to 'cpu'"),
+    ("pipeline_parallel/schedules.py: torch.zeros(device='cuda')",
+     "the schedules count tokens in a tensor created with a literal device='cuda'; the module sees a torch "
+     "whose zeros() maps that device to the CPU"),
     ("moe_utils.te_general_gemm = None",
      "transformer/moe/moe_utils.py: referenced in router gating but only defined when Transformer Engine "
      "imports (NameError in 0.16.1 without TE)"),
@@ -82,6 +85,19 @@ def _maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: boo
     return tensor
 
 
+class _TorchWithCpuZeros:
+    """The torch module as schedules.py sees it: zeros(device='cuda') lands on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, **kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return torch.zeros(*args, **kwargs)
+
+
 def applied() -> list[str]:
     """Names of the patches applied in this process (empty on a GPU)."""
     return list(_applied)
@@ -100,7 +116,10 @@ def apply_cpu_shim() -> bool:
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     torch.Tensor.record_stream = lambda self, stream: None  # type: ignore[assignment]
+    from megatron.core.pipeline_parallel import schedules
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    schedules.torch = _TorchWithCpuZeros()
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None

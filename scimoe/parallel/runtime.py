@@ -10,6 +10,7 @@ expert-dp (each expert shard already got the gradient of every token of its ep g
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -19,9 +20,17 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from scimoe.model import MoETransformer
 from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.expert import apply_expert_parallel, expert_parameters
+from scimoe.parallel.pipeline import PipelineStage, megatron_pipeline_config, pipeline_forward_backward
 from scimoe.parallel.state import Groups
 from scimoe.parallel.tensor import (apply_tensor_parallel, gather_tensor_parallel, is_tensor_parallel,
                                     partial_grad_parameters)
+
+
+def autocast_context(dtype: str):
+    """bf16 autocast (CPU or GPU) around forward passes; fp32 runs without autocast."""
+    if dtype == "bf16":
+        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class Runtime:
@@ -34,6 +43,24 @@ class Runtime:
 
     def prepare(self, model: MoETransformer) -> None:
         """Shard and hook a freshly initialised full model for this layout."""
+
+    def forward_backward(self, model: MoETransformer, microbatches: list[dict[str, torch.Tensor]],
+                         label_tokens: int, dtype: str = "fp32") -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+        """Forward and backward every micro-batch. Returns this rank's shares of (LM loss sum, balance,
+        z) as float64 [3], and per MoE layer the expert counts and mean router entropy."""
+        n_micro = len(microbatches)
+        totals = torch.zeros(3, dtype=torch.float64)
+        counts: list[torch.Tensor] = []
+        entropy: list[float] = []
+        for mb in microbatches:
+            with autocast_context(dtype):
+                out = model(mb["input_ids"], mb["positions"], mb["labels"])
+            loss = out.loss_sum / max(label_tokens, 1) + (out.balance_loss + out.z_loss) / n_micro
+            loss.backward()
+            totals += torch.stack([out.loss_sum.detach(), out.balance_loss.detach() / n_micro,
+                                   out.z_loss.detach() / n_micro]).double()
+            _accumulate_moe_stats(counts, entropy, out.moe, n_micro)
+        return totals, counts, entropy
 
     def sync_grads(self, model: MoETransformer) -> None:
         pass
@@ -53,6 +80,15 @@ class Runtime:
         pass
 
 
+def _accumulate_moe_stats(counts: list, entropy: list, auxes: list, n_micro: int) -> None:
+    if not counts:
+        counts.extend(torch.zeros_like(a.counts) for a in auxes)
+        entropy.extend([0.0] * len(auxes))
+    for i, aux in enumerate(auxes):
+        counts[i] += aux.counts
+        entropy[i] += float(aux.entropy) / n_micro
+
+
 def _all_reduce_grads(params: list[torch.nn.Parameter], group) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -64,10 +100,11 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], group) -> None:
 
 
 class DistributedRuntime(Runtime):
-    """Tensor, expert and data parallelism (tp×dp or ep×dp; pipeline parallelism is not built yet)."""
+    """Tensor, pipeline, expert and data parallelism (tp with ep is not built yet)."""
 
-    def __init__(self, dims: ParallelDims, groups: Groups) -> None:
-        self.dims, self.groups = dims, groups
+    def __init__(self, dims: ParallelDims, groups: Groups, pp_layers: list[int] | None = None) -> None:
+        self.dims, self.groups, self.pp_layers = dims, groups, pp_layers
+        self.stage = None
 
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         out = t.detach().clone()
@@ -77,8 +114,33 @@ class DistributedRuntime(Runtime):
     def prepare(self, model: MoETransformer) -> None:
         apply_tensor_parallel(model, self.groups.tp, self.groups.tp_rank, self.dims.tp)
         apply_expert_parallel(model, self.groups.ep, self.groups.ep_rank, self.dims.ep)
+        self.stage = None
+        if self.dims.pp > 1:
+            config = megatron_pipeline_config(model, self.dims.tp, self.dims.pp)
+            self.stage = PipelineStage(model, self.groups.pp_rank, self.dims.pp, config, self.pp_layers)
         for moe in model.moe_layers():
             moe.stats_reduce = self.reduce_sum
+
+    def forward_backward(self, model, microbatches, label_tokens, dtype="fp32"):
+        if self.stage is None:
+            return super().forward_backward(model, microbatches, label_tokens, dtype)
+        with autocast_context(dtype):
+            per_micro = pipeline_forward_backward(self.stage, microbatches, label_tokens)
+        n_micro = len(microbatches)
+        counts: list[torch.Tensor] = []
+        entropy: list[float] = []
+        totals = torch.zeros(3, dtype=torch.float64)
+        for auxes in per_micro:
+            _accumulate_moe_stats(counts, entropy, auxes, n_micro)
+            for a in auxes:
+                totals += torch.tensor([0.0, float(a.balance_loss) / n_micro, float(a.z_loss) / n_micro],
+                                       dtype=torch.float64)
+        if self.stage.last:
+            totals[0] = self.stage.last_loss_sum
+        dist.all_reduce(totals, group=self.groups.pp)  # every stage holds its layers' terms
+        stages: list = [None] * self.dims.pp
+        dist.all_gather_object(stages, (counts, entropy), group=self.groups.pp)
+        return totals, [c for st in stages for c in st[0]], [h for st in stages for h in st[1]]
 
     def _split(self, model: MoETransformer):
         """(dense, expert-sharded) parameters. Without ep the experts are replicated like dense weights
@@ -100,6 +162,8 @@ class DistributedRuntime(Runtime):
         dense, experts = self._split(model)
         if self.dims.tp > 1:
             _all_reduce_grads(partial_grad_parameters(model), self.groups.tp)
+        if self.dims.pp > 1:  # the FoPE tables serve layers on every stage
+            _all_reduce_grads(list(model.rotary.parameters()), self.groups.pp)
         if self.dims.dp > 1:
             _all_reduce_grads(dense, self.groups.dp)
         if self.dims.dp // self.dims.ep > 1:
@@ -107,9 +171,12 @@ class DistributedRuntime(Runtime):
 
     def clip_grad_norm(self, model: MoETransformer, max_norm: float) -> float:
         """‖g‖ over the whole model, every element counted once: replicated grads are identical on all
-        ranks after sync; tensor-parallel shards are summed over tp; expert shards over ep (they are
-        replicated across expert-dp)."""
+        ranks after sync; tensor-parallel shards are summed over tp, expert shards over ep (they are
+        replicated across expert-dp), stages over pp (the shared FoPE tables counted on stage 0 only)."""
         dense, experts = self._split(model)
+        if self.dims.pp > 1 and self.groups.pp_rank > 0:
+            shared = {id(p) for p in model.rotary.parameters()}
+            dense = [p for p in dense if id(p) not in shared]
         sq = lambda ps: sum((p.grad.double().pow(2).sum() for p in ps if p.grad is not None), torch.zeros((), dtype=torch.float64))  # noqa: E731
         tp_sq = sq([p for p in dense if is_tensor_parallel(p)])
         if self.dims.tp > 1:
@@ -117,31 +184,37 @@ class DistributedRuntime(Runtime):
         expert_sq = sq(experts)
         if self.dims.ep > 1:
             dist.all_reduce(expert_sq, group=self.groups.ep)
-        total = float(torch.sqrt(sq([p for p in dense if not is_tensor_parallel(p)]) + tp_sq + expert_sq))
+        stage_sq = sq([p for p in dense if not is_tensor_parallel(p)]) + tp_sq + expert_sq
+        if self.dims.pp > 1:
+            dist.all_reduce(stage_sq, group=self.groups.pp)
+        total = float(torch.sqrt(stage_sq))
         if max_norm > 0 and math.isfinite(total):
             coef = min(1.0, max_norm / (total + 1e-6))
             if coef < 1.0:
-                for p in dense + experts:
+                for p in model.parameters():
                     if p.grad is not None:
                         p.grad.mul_(coef)
         return total
 
     def full_state_dict(self, model: MoETransformer) -> dict[str, torch.Tensor]:
-        """The single-process state dict: TP shards gathered over tp, expert shards over ep."""
+        """The single-process state dict: TP shards gathered over tp, expert shards over ep, stages over pp."""
         state = super().full_state_dict(model)
         if self.dims.tp > 1:
             state = gather_tensor_parallel(model, state, self.groups.tp, self.dims.tp)
-        if self.dims.ep == 1:
-            return state
-        for name in [k for k in state if k.endswith(("gate_up_proj", "down_proj")) and ".experts." in k]:
-            parts = [torch.empty_like(state[name]) for _ in range(self.dims.ep)]
-            dist.all_gather(parts, state[name].contiguous(), group=self.groups.ep)
-            state[name] = torch.cat(parts)
+        if self.dims.ep > 1:
+            for name in [k for k in state if k.endswith(("gate_up_proj", "down_proj")) and ".experts." in k]:
+                parts = [torch.empty_like(state[name]) for _ in range(self.dims.ep)]
+                dist.all_gather(parts, state[name].contiguous(), group=self.groups.ep)
+                state[name] = torch.cat(parts)
+        if self.dims.pp > 1:
+            stages: list = [None] * self.dims.pp
+            dist.all_gather_object(stages, state, group=self.groups.pp)
+            state = {k: v for stage_state in stages for k, v in stage_state.items()}
         return state
 
     def barrier(self) -> None:
         dist.barrier()
 
 
-def make_runtime(dims: ParallelDims, groups: Groups) -> Runtime:
-    return Runtime() if dims.is_single_process else DistributedRuntime(dims, groups)
+def make_runtime(dims: ParallelDims, groups: Groups, pp_layers: list[int] | None = None) -> Runtime:
+    return Runtime() if dims.is_single_process else DistributedRuntime(dims, groups, pp_layers)

@@ -103,7 +103,8 @@ def is_tensor_parallel(param: torch.Tensor) -> bool:
 def partial_grad_parameters(model: MoETransformer) -> list[nn.Parameter]:
     """Replicated weights whose gradient each TP rank sees only in part: the q/k norms (shared by all
     heads, each rank holds some heads) and a single shared FoPE table. Their grads are summed over tp."""
-    params = [p for layer in model.layers for p in (layer.self_attn.q_norm.weight, layer.self_attn.k_norm.weight)]
+    attns = [layer.self_attn for layer in model.layers if hasattr(layer, "self_attn")]  # pipeline placeholders skipped
+    params = [p for attn in attns for p in (attn.q_norm.weight, attn.k_norm.weight)]
     if isinstance(model.rotary, FoPE) and not is_tensor_parallel(model.rotary.cos_coef):
         params += [model.rotary.cos_coef, model.rotary.sin_coef]
     return params

@@ -51,7 +51,7 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
     """
     dims = dims or dims_from_env(cfg.parallel)
     dims.check_model(cfg.model.moe.num_experts, cfg.model.layers, cfg.model.moe.n_groups)
-    runtime = make_runtime(dims, init_process_groups(dims))
+    runtime = make_runtime(dims, init_process_groups(dims), cfg.parallel.pp_layers)
     if dims.rank == 0:
         log.info("layout %s, run dir %s", dims.describe(), run_dir)
         if not dims.is_single_process:

@@ -8,7 +8,6 @@ gradients and logged values over data-parallel ranks.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -33,14 +32,6 @@ class StepResult:
     router_entropy: list[float] = field(default_factory=list)
 
 
-def autocast_context(dtype: str):
-    """bf16 autocast (CPU or GPU); fp32 runs without autocast."""
-    if dtype == "bf16":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return torch.autocast(device, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train_step(model: MoETransformer, optimizer, microbatches: list[dict[str, torch.Tensor]],
                grad_clip: float, dtype: str = "fp32", runtime: Runtime | None = None) -> StepResult:
     """Forward/backward every micro-batch, sync and clip gradients, and step unless non-finite."""
@@ -48,23 +39,7 @@ def train_step(model: MoETransformer, optimizer, microbatches: list[dict[str, to
     model.train()
     local_labels = sum(int((mb["labels"] != -100).sum()) for mb in microbatches)
     label_tokens = int(runtime.reduce_sum(torch.tensor(local_labels)))
-    n_micro = len(microbatches)
-    totals = torch.zeros(3, dtype=torch.float64)  # lm sum, balance, z (this rank's shares)
-    counts: list[torch.Tensor] = []
-    entropy: list[float] = []
-    for mb in microbatches:
-        with autocast_context(dtype):
-            out = model(mb["input_ids"], mb["positions"], mb["labels"])
-        loss = out.loss_sum / max(label_tokens, 1) + (out.balance_loss + out.z_loss) / n_micro
-        loss.backward()
-        totals += torch.stack([out.loss_sum.detach(), out.balance_loss.detach() / n_micro,
-                               out.z_loss.detach() / n_micro]).double()
-        if not counts:
-            counts = [torch.zeros_like(a.counts) for a in out.moe]
-            entropy = [0.0] * len(out.moe)
-        for i, aux in enumerate(out.moe):
-            counts[i] += aux.counts
-            entropy[i] += float(aux.entropy) / n_micro
+    totals, counts, entropy = runtime.forward_backward(model, microbatches, label_tokens, dtype)
     runtime.sync_grads(model)
     grad_norm = runtime.clip_grad_norm(model, grad_clip)
     lm_sum, balance, z = runtime.reduce_sum(totals).tolist()

@@ -67,9 +67,10 @@ def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference
     layouts = [{"name": "ep2", "ep": 2, "micro_batch": GLOBAL_BATCH // 4},
                {"name": "dp2", "ep": 1, "micro_batch": GLOBAL_BATCH // 4},
                {"name": "tp2", "tp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
-               {"name": "dp2_zero0", "ep": 1, "zero": 0, "micro_batch": GLOBAL_BATCH // 4}]
+               {"name": "dp2_zero0", "ep": 1, "zero": 0, "micro_batch": GLOBAL_BATCH // 4},
+               {"name": "pp2", "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2}]
     out = launch(2, {"parity": dict(reference, layouts=layouts), "dispatch": True, "grad_norm": True}, tmp_path)
-    _assert_parity(out["parity"], ["ep2", "dp2", "tp2", "dp2_zero0"])
+    _assert_parity(out["parity"], ["ep2", "dp2", "tp2", "dp2_zero0", "pp2"])
     # ZeRO-1 (the default) holds about half the AdamW state per rank at dp2; zero=0 holds all of it.
     assert 0.3 < out["parity"]["dp2"]["optimizer_state_share"] < 0.7
     assert out["parity"]["dp2_zero0"]["optimizer_state_share"] == 1.0
@@ -88,9 +89,18 @@ def test_four_rank_layouts_match_single_process(reference, tmp_path):
     layouts = [{"name": "ep4", "ep": 4, "micro_batch": GLOBAL_BATCH // 8},
                {"name": "ep2xdp2", "ep": 2, "micro_batch": GLOBAL_BATCH // 8},
                {"name": "dp4", "ep": 1, "micro_batch": GLOBAL_BATCH // 8},
-               {"name": "tp2xdp2", "tp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 4}]
+               {"name": "tp2xdp2", "tp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 4},
+               {"name": "pp2xdp2", "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 4},
+               {"name": "pp2xep2", "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4},
+               {"name": "tp2xpp2", "tp": 2, "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2}]
     out = launch(4, {"parity": dict(reference, layouts=layouts), "dispatch": True}, tmp_path)
-    _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4", "tp2xdp2"])
+    _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4", "tp2xdp2", "pp2xdp2", "pp2xep2", "tp2xpp2"])
     assert 0.15 < out["parity"]["dp4"]["optimizer_state_share"] < 0.35
     for rank in ("rank1", "rank2", "rank3"):
         assert out["dispatch"][rank]["all_on_rank0"]["received"] == 0
+
+
+def test_eight_rank_three_dimensional_layout_matches_single_process(reference, tmp_path):
+    layouts = [{"name": "pp2xep2xdp2", "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4}]
+    out = launch(8, {"parity": dict(reference, layouts=layouts)}, tmp_path)
+    _assert_parity(out["parity"], ["pp2xep2xdp2"])

@@ -41,9 +41,9 @@ def run_parity(spec: dict, rank: int, world: int) -> dict:
     results = {}
     for layout in spec["layouts"]:
         cfg = parity_config(micro_batch=layout["micro_batch"])
-        cfg.parallel.ep, cfg.parallel.tp = layout["ep"], layout.get("tp", 1)
+        cfg.parallel.ep, cfg.parallel.tp, cfg.parallel.pp = layout["ep"], layout.get("tp", 1), layout.get("pp", 1)
         cfg.parallel.zero = layout.get("zero", 1)
-        dims = ParallelDims(world_size=world, rank=rank, ep=layout["ep"], tp=layout.get("tp", 1))
+        dims = ParallelDims(world_size=world, rank=rank, ep=layout["ep"], tp=layout.get("tp", 1), pp=layout.get("pp", 1))
         run = pretrain(cfg, os.path.join(spec["workdir"], layout["name"]), dims=dims, initial_state=initial,
                        gather_final_weights=True)
         got = [(r["loss"], r["grad_norm"]) for r in run.records]

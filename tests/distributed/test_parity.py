@@ -47,7 +47,8 @@ def reference(tmp_path_factory):
     assert len(run.records) == STEPS
     (tmp / "reference.json").write_text(json.dumps({"losses": [r["loss"] for r in run.records],
                                                     "grad_norms": [r["grad_norm"] for r in run.records],
-                                                    "optimizer_state_numel": run.optimizer_state_numel}))
+                                                    "optimizer_state_numel": run.optimizer_state_numel,
+                                                    "micro_batch": cfg.train.micro_batch}))
     save_file({k: v.contiguous() for k, v in run.final_weights.items()}, str(tmp / "final.safetensors"))
     assert any(r["grad_norm"] > cfg.train.grad_clip for r in run.records), "clipping should be exercised"
     return {"reference": str(tmp / "reference.json"), "initial_weights": str(tmp / "initial.safetensors"),
@@ -101,6 +102,6 @@ def test_four_rank_layouts_match_single_process(reference, tmp_path):
 
 
 def test_eight_rank_three_dimensional_layout_matches_single_process(reference, tmp_path):
-    layouts = [{"name": "pp2xep2xdp2", "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4}]
+    layouts = [{"name": "pp2xep2xdp2", "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 8}]  # dp 4
     out = launch(8, {"parity": dict(reference, layouts=layouts)}, tmp_path)
     _assert_parity(out["parity"], ["pp2xep2xdp2"])

@@ -44,6 +44,9 @@ def run_parity(spec: dict, rank: int, world: int) -> dict:
         cfg.parallel.ep, cfg.parallel.tp, cfg.parallel.pp = layout["ep"], layout.get("tp", 1), layout.get("pp", 1)
         cfg.parallel.zero = layout.get("zero", 1)
         dims = ParallelDims(world_size=world, rank=rank, ep=layout["ep"], tp=layout.get("tp", 1), pp=layout.get("pp", 1))
+        # Balance terms are micro-batch statistics: the union over dp ranks of micro-batch m must be
+        # the reference's micro-batch m, or the layouts compute different losses.
+        assert layout["micro_batch"] * dims.dp == ref["micro_batch"], (layout, dims.dp, ref["micro_batch"])
         run = pretrain(cfg, os.path.join(spec["workdir"], layout["name"]), dims=dims, initial_state=initial,
                        gather_final_weights=True)
         got = [(r["loss"], r["grad_norm"]) for r in run.records]

@@ -72,14 +72,21 @@ def init_process_groups(dims: ParallelDims) -> Groups:
                   ep_rank=ps.get_expert_model_parallel_rank())
 
 
-def rank_grid(dims: ParallelDims) -> str:
-    """The world laid out as (dp, ep-within-dp) rows, e.g. for printing once at start."""
-    lines = [f"rank grid {dims.describe().rsplit(' rank', 1)[0]} (world {dims.world_size}):"]
-    per_row = dims.ep
-    for start in range(0, dims.world_size, per_row):
-        ranks = list(range(start, start + per_row))
-        lines.append(f"  expert-parallel group {start // per_row}: ranks {ranks}")
-    if dims.ep > 1 and dims.dp > dims.ep:
-        for e in range(dims.ep):
-            lines.append(f"  expert-data-parallel group {e}: ranks {list(range(e, dims.world_size, dims.ep))}")
+def rank_grid(dims: ParallelDims, coordinates: list[dict[str, int]]) -> str:
+    """A table of every rank's coordinates (from `gather_coordinates`), one line per rank."""
+    lines = [f"rank grid {dims.describe().rsplit(' rank', 1)[0]} (world {dims.world_size}):",
+             "  rank  tp  pp  dp  ep  expert-dp"]
+    for rank, c in enumerate(coordinates):
+        lines.append(f"  {rank:4d}  {c['tp']:2d}  {c['pp']:2d}  {c['dp']:2d}  {c['ep']:2d}  {c['expert_dp']:9d}")
     return "\n".join(lines)
+
+
+def gather_coordinates(dims: ParallelDims, groups: Groups) -> list[dict[str, int]]:
+    """Every rank's position in each group, as megatron-core actually built them."""
+    if dims.is_single_process:
+        return [{"tp": 0, "pp": 0, "dp": 0, "ep": 0, "expert_dp": 0}]
+    mine = {"tp": groups.tp_rank, "pp": groups.pp_rank, "dp": groups.dp_rank, "ep": groups.ep_rank,
+            "expert_dp": dist.get_rank(groups.expert_dp)}
+    everyone: list = [None] * dims.world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone

@@ -21,7 +21,7 @@ from scimoe.data.sources import build_rows
 from scimoe.model import build_model
 from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.runtime import make_runtime
-from scimoe.parallel.state import dims_from_env, init_process_groups, rank_grid
+from scimoe.parallel.state import dims_from_env, gather_coordinates, init_process_groups, rank_grid
 from scimoe.train import checkpoint
 from scimoe.train.metrics import make_logger, moe_health
 from scimoe.train.optim import build_optimizer, lr_at
@@ -51,11 +51,13 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
     """
     dims = dims or dims_from_env(cfg.parallel)
     dims.check_model(cfg.model.moe.num_experts, cfg.model.layers, cfg.model.moe.n_groups)
-    runtime = make_runtime(dims, init_process_groups(dims), cfg.parallel.pp_layers)
+    groups = init_process_groups(dims)
+    runtime = make_runtime(dims, groups, cfg.parallel.pp_layers)
+    coordinates = gather_coordinates(dims, groups)
     if dims.rank == 0:
         log.info("layout %s, run dir %s", dims.describe(), run_dir)
         if not dims.is_single_process:
-            log.info("%s", rank_grid(dims))
+            log.info("%s", rank_grid(dims, coordinates))
 
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS on GPUs only

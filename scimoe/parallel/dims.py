@@ -35,6 +35,11 @@ class ParallelDims:
         return self.world_size // (self.tp * self.pp)
 
     @property
+    def expert_dp(self) -> int:
+        """Replicas of each expert shard (megatron's expert-data-parallel size)."""
+        return self.world_size // (self.ep * self.etp * self.pp)
+
+    @property
     def is_single_process(self) -> bool:
         return self.world_size == 1
 

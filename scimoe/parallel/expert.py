@@ -58,6 +58,52 @@ class ExpertParallelDispatcher:
         return weighted_sum_by_token(returned, weights, sent.order)
 
 
+class _Split(torch.autograd.Function):
+    """Rows → this rank's contiguous share; backward all-gathers the shares' gradients."""
+
+    @staticmethod
+    def forward(ctx, x, group, rank, parts):  # noqa: D102
+        ctx.group, ctx.parts = group, parts
+        return x.chunk(parts)[rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return _gather_rows(grad.contiguous(), ctx.group, ctx.parts), None, None, None
+
+
+class _Gather(torch.autograd.Function):
+    """Shares → all rows; backward keeps this rank's share (downstream gradients are replicated)."""
+
+    @staticmethod
+    def forward(ctx, x, group, rank, parts):  # noqa: D102
+        ctx.rank, ctx.parts = rank, parts
+        return _gather_rows(x.contiguous(), group, parts)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad.chunk(ctx.parts)[ctx.rank].contiguous(), None, None, None
+
+
+def _gather_rows(x: torch.Tensor, group, parts: int) -> torch.Tensor:
+    pieces = [torch.empty_like(x) for _ in range(parts)]
+    dist.all_gather(pieces, x, group=group)  # a list: gloo has no all_gather_into_tensor
+    return torch.cat(pieces)
+
+
+class TokenSplit:
+    """Megatron's tp × ep layout: tensor-parallel ranks hold the same tokens, so each routes and
+    dispatches only its 1/tp share, and the MoE outputs are gathered back over tp."""
+
+    def __init__(self, group, rank: int, parts: int) -> None:
+        self.group, self.rank, self.parts = group, rank, parts
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        return _Split.apply(x, self.group, self.rank, self.parts)
+
+    def gather(self, y: torch.Tensor) -> torch.Tensor:
+        return _Gather.apply(y, self.group, self.rank, self.parts)
+
+
 def apply_expert_parallel(model: MoETransformer, group, ep_rank: int, ep_size: int) -> None:
     """Keep this rank's slice of every MoE layer's experts and route tokens through the ep group."""
     if ep_size == 1:

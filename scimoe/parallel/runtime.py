@@ -19,7 +19,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from scimoe.model import MoETransformer
 from scimoe.parallel.dims import ParallelDims
-from scimoe.parallel.expert import apply_expert_parallel, expert_parameters
+from scimoe.parallel.expert import TokenSplit, apply_expert_parallel, expert_parameters
 from scimoe.parallel.pipeline import PipelineStage, megatron_pipeline_config, pipeline_forward_backward
 from scimoe.parallel.state import Groups
 from scimoe.parallel.tensor import (apply_tensor_parallel, gather_tensor_parallel, is_tensor_parallel,
@@ -80,6 +80,12 @@ class Runtime:
         pass
 
 
+def _all_reduced(t: torch.Tensor, group) -> torch.Tensor:
+    out = t.detach().clone()
+    dist.all_reduce(out, group=group)
+    return out
+
+
 def _accumulate_moe_stats(counts: list, entropy: list, auxes: list, n_micro: int) -> None:
     if not counts:
         counts.extend(torch.zeros_like(a.counts) for a in auxes)
@@ -100,30 +106,40 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], group) -> None:
 
 
 class DistributedRuntime(Runtime):
-    """Tensor, pipeline, expert and data parallelism (tp with ep is not built yet)."""
+    """Tensor, pipeline, expert and data parallelism (expert tensor parallelism is not built yet)."""
 
     def __init__(self, dims: ParallelDims, groups: Groups, pp_layers: list[int] | None = None) -> None:
         self.dims, self.groups, self.pp_layers = dims, groups, pp_layers
         self.stage = None
 
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        out = t.detach().clone()
-        dist.all_reduce(out, group=self.groups.dp)
-        return out
+        return _all_reduced(t, self.groups.dp)
 
     def prepare(self, model: MoETransformer) -> None:
         apply_tensor_parallel(model, self.groups.tp, self.groups.tp_rank, self.dims.tp)
         apply_expert_parallel(model, self.groups.ep, self.groups.ep_rank, self.dims.ep)
+        self.tokens_split_over_tp = self.dims.tp > 1 and self.dims.ep > 1
+        stats_group = self.groups.dp
+        if self.tokens_split_over_tp:  # megatron's tp×ep layout: tp ranks route disjoint token shares
+            split = TokenSplit(self.groups.tp, self.groups.tp_rank, self.dims.tp)
+            for moe in model.moe_layers():
+                moe.token_split = split
+            stats_group = self.groups.tp_dp
+        self.stats_reduce = lambda t: _all_reduced(t, stats_group)
         self.stage = None
         if self.dims.pp > 1:
             config = megatron_pipeline_config(model, self.dims.tp, self.dims.pp)
             self.stage = PipelineStage(model, self.groups.pp_rank, self.dims.pp, config, self.pp_layers)
         for moe in model.moe_layers():
-            moe.stats_reduce = self.reduce_sum
+            moe.stats_reduce = self.stats_reduce
 
     def forward_backward(self, model, microbatches, label_tokens, dtype="fp32"):
+        if self.tokens_split_over_tp and microbatches[0]["input_ids"].shape[0] % self.dims.tp:
+            raise ValueError(f"train.micro_batch ({microbatches[0]['input_ids'].shape[0]}) must be divisible by "
+                             f"parallel.tp ({self.dims.tp}) when tensor and expert parallelism are combined")
         if self.stage is None:
-            return super().forward_backward(model, microbatches, label_tokens, dtype)
+            totals, counts, entropy = super().forward_backward(model, microbatches, label_tokens, dtype)
+            return self._sum_token_shares(totals, counts, entropy)
         with autocast_context(dtype):
             per_micro = pipeline_forward_backward(self.stage, microbatches, label_tokens)
         n_micro = len(microbatches)
@@ -137,10 +153,23 @@ class DistributedRuntime(Runtime):
                                        dtype=torch.float64)
         if self.stage.last:
             totals[0] = self.stage.last_loss_sum
+        totals, counts, entropy = self._sum_token_shares(totals, counts, entropy)
         dist.all_reduce(totals, group=self.groups.pp)  # every stage holds its layers' terms
         stages: list = [None] * self.dims.pp
         dist.all_gather_object(stages, (counts, entropy), group=self.groups.pp)
         return totals, [c for st in stages for c in st[0]], [h for st in stages for h in st[1]]
+
+    def _sum_token_shares(self, totals, counts, entropy):
+        """With tokens split over tp, balance/z terms and expert counts are per-share: add the shares
+        (the LM loss is replicated over tp and stays as it is)."""
+        if not self.tokens_split_over_tp:
+            return totals, counts, entropy
+        moe_terms = totals[1:].clone()
+        dist.all_reduce(moe_terms, group=self.groups.tp)
+        totals = torch.cat([totals[:1], moe_terms])
+        counts = [_all_reduced(c, self.groups.tp) for c in counts]
+        entropy = [float(_all_reduced(torch.tensor(h), self.groups.tp)) / self.dims.tp for h in entropy]
+        return totals, counts, entropy
 
     def _split(self, model: MoETransformer):
         """(dense, expert-sharded) parameters. Without ep the experts are replicated like dense weights
@@ -154,9 +183,8 @@ class DistributedRuntime(Runtime):
         if zero == 0:
             return None
         dense, experts = self._split(model)
-        expert_dp = self.dims.dp // self.dims.ep
         return [(dense, self.groups.dp if self.dims.dp > 1 else None),
-                (experts, self.groups.expert_dp if expert_dp > 1 else None)]
+                (experts, self.groups.expert_dp if self.dims.expert_dp > 1 else None)]
 
     def sync_grads(self, model: MoETransformer) -> None:
         dense, experts = self._split(model)
@@ -166,7 +194,7 @@ class DistributedRuntime(Runtime):
             _all_reduce_grads(list(model.rotary.parameters()), self.groups.pp)
         if self.dims.dp > 1:
             _all_reduce_grads(dense, self.groups.dp)
-        if self.dims.dp // self.dims.ep > 1:
+        if experts and self.dims.expert_dp > 1:
             _all_reduce_grads(experts, self.groups.expert_dp)
 
     def clip_grad_norm(self, model: MoETransformer, max_norm: float) -> float:

@@ -28,6 +28,8 @@ class Groups:
     pp: Any = None
     """Ranks holding consecutive pipeline stages of one model replica."""
     pp_rank: int = 0
+    tp_dp: Any = None
+    """All ranks of one pipeline stage (tp × dp): with tp and ep together, each holds distinct tokens."""
     ep: Any = None
     """Ranks that share one full set of experts (all-to-all dispatch)."""
     expert_dp: Any = None
@@ -47,9 +49,8 @@ def init_process_groups(dims: ParallelDims) -> Groups:
     """Start torch.distributed (gloo on CPU, NCCL on GPUs) and megatron-core's groups for `dims`."""
     if dims.is_single_process:
         return Groups()
-    if dims.etp > 1 or (dims.tp > 1 and dims.ep > 1):
-        raise NotImplementedError(f"{dims.describe()}: expert tensor parallelism and tensor parallelism combined "
-                                  "with expert parallelism are not built yet")
+    if dims.etp > 1:
+        raise NotImplementedError(f"{dims.describe()}: expert tensor parallelism (parallel.etp > 1) is not built yet")
     if not torch.cuda.is_available():
         from scimoe.parallel.cpu_shim import apply_cpu_shim
 
@@ -67,7 +68,8 @@ def init_process_groups(dims: ParallelDims) -> Groups:
                                  expert_tensor_parallel_size=dims.etp, create_gloo_process_groups=False)
     return Groups(dp=ps.get_data_parallel_group(), tp=ps.get_tensor_model_parallel_group(),
                   tp_rank=ps.get_tensor_model_parallel_rank(), pp=ps.get_pipeline_model_parallel_group(),
-                  pp_rank=ps.get_pipeline_model_parallel_rank(), ep=ps.get_expert_model_parallel_group(),
+                  pp_rank=ps.get_pipeline_model_parallel_rank(), tp_dp=ps.get_tensor_and_data_parallel_group(),
+                  ep=ps.get_expert_model_parallel_group(),
                   expert_dp=ps.get_expert_data_parallel_group(), dp_rank=ps.get_data_parallel_rank(),
                   ep_rank=ps.get_expert_model_parallel_rank())
 

@@ -102,11 +102,14 @@ def is_tensor_parallel(param: torch.Tensor) -> bool:
 
 def partial_grad_parameters(model: MoETransformer) -> list[nn.Parameter]:
     """Replicated weights whose gradient each TP rank sees only in part: the q/k norms (shared by all
-    heads, each rank holds some heads) and a single shared FoPE table. Their grads are summed over tp."""
+    heads, each rank holds some heads), a single shared FoPE table, and the routers when tp ranks split
+    the tokens for expert parallelism. Their grads are summed over tp."""
     attns = [layer.self_attn for layer in model.layers if hasattr(layer, "self_attn")]  # pipeline placeholders skipped
     params = [p for attn in attns for p in (attn.q_norm.weight, attn.k_norm.weight)]
     if isinstance(model.rotary, FoPE) and not is_tensor_parallel(model.rotary.cos_coef):
         params += [model.rotary.cos_coef, model.rotary.sin_coef]
+    # With tp × ep each tp rank routes its own share of the tokens: router grads are per-share too.
+    params += [moe.router.weight for moe in model.moe_layers() if moe.token_split is not None]
     return params
 
 

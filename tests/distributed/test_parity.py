@@ -93,15 +93,17 @@ def test_four_rank_layouts_match_single_process(reference, tmp_path):
                {"name": "tp2xdp2", "tp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 4},
                {"name": "pp2xdp2", "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 4},
                {"name": "pp2xep2", "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4},
-               {"name": "tp2xpp2", "tp": 2, "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2}]
+               {"name": "tp2xpp2", "tp": 2, "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
+               {"name": "tp2xep2", "tp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4}]
     out = launch(4, {"parity": dict(reference, layouts=layouts), "dispatch": True}, tmp_path)
-    _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4", "tp2xdp2", "pp2xdp2", "pp2xep2", "tp2xpp2"])
+    _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4", "tp2xdp2", "pp2xdp2", "pp2xep2", "tp2xpp2", "tp2xep2"])
     assert 0.15 < out["parity"]["dp4"]["optimizer_state_share"] < 0.35
     for rank in ("rank1", "rank2", "rank3"):
         assert out["dispatch"][rank]["all_on_rank0"]["received"] == 0
 
 
-def test_eight_rank_three_dimensional_layout_matches_single_process(reference, tmp_path):
-    layouts = [{"name": "pp2xep2xdp2", "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 8}]  # dp 4
+def test_eight_rank_three_dimensional_layouts_match_single_process(reference, tmp_path):
+    layouts = [{"name": "pp2xep2xdp2", "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 8},  # dp 4
+               {"name": "tp2xpp2xep2", "tp": 2, "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4}]  # dp 2
     out = launch(8, {"parity": dict(reference, layouts=layouts)}, tmp_path)
-    _assert_parity(out["parity"], ["pp2xep2xdp2"])
+    _assert_parity(out["parity"], ["pp2xep2xdp2", "tp2xpp2xep2"])

@@ -45,28 +45,37 @@ class MoELayer(nn.Module):
         self.shared_expert = SwiGLU(hidden, cfg.shared_expert_ffn) if cfg.shared_expert_ffn else None
         self.dispatcher = LocalDispatcher(cfg.num_experts)
         self.stats_reduce: Optional[losses.Reduce] = None
-        """Sums statistics over data-parallel ranks; set by scimoe.parallel, None on one process."""
+        """Sums statistics over the ranks holding distinct tokens; set by scimoe.parallel, None on one process."""
+        self.token_split = None
+        """Set by scimoe.parallel when tensor- and expert-parallel ranks share tokens: an object with
+        `parts`, `split(x)` (this rank's contiguous share of the rows) and `gather(y)` (all rows back)."""
         self.register_buffer("expert_output_ema", torch.zeros(cfg.num_experts, hidden))
         self.register_buffer("load_since_update", torch.zeros(cfg.num_experts), persistent=False)
 
     def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
-        routing = self.router(flat, replay)
+        local, local_batch = flat, batch
+        if self.token_split is not None:  # route only this rank's share of the (replicated) tokens
+            local, local_batch = self.token_split.split(flat), batch // self.token_split.parts
+            replay = self.token_split.split(replay) if replay is not None else None
+        routing = self.router(local, replay)
         routed = torch.bincount(routing.indices.flatten(), minlength=self.cfg.num_experts)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        sent = self.dispatcher.dispatch(flat.to(compute_dtype), routing.indices)
+        sent = self.dispatcher.dispatch(local.to(compute_dtype), routing.indices)
         out = self.experts(sent.x, sent.counts)
         y = self.dispatcher.combine(out, routing.weights, sent)
         if self.cfg.router_mode == "ste_ema":
             y = y + self._ema_gradient_path(routing).to(y.dtype)
             if self.training:
                 self._update_output_ema(out.detach(), sent.expert_ids, routed)
+        if self.token_split is not None:
+            y = self.token_split.gather(y)
         if self.shared_expert is not None:
             y = y + self.shared_expert(flat)
         if self.training:
             self.load_since_update += routed.float()
-        return y.view(batch, seq, hidden).to(x.dtype), self._aux(routing, batch, routed)
+        return y.view(batch, seq, hidden).to(x.dtype), self._aux(routing, local_batch, routed)
 
     def _ema_gradient_path(self, routing) -> torch.Tensor:
         """Σ_{j∉S} (p_j − sg p_j)·Ê_j: exactly zero in value, router gradient ⟨∂L/∂y, Ê_j⟩."""

@@ -45,7 +45,8 @@ class ExpertParallelDispatcher:
         rows = x[order // indices.shape[1]]
         received = all_to_all_single(rows.new_empty(sum(recv_splits), x.shape[-1]), rows,
                                      recv_splits, send_splits, group=self.group)
-        local_ids = torch.repeat_interleave(torch.arange(self.local).repeat(self.ep_size), recv_counts.flatten())
+        local_ids = torch.repeat_interleave(torch.arange(self.local, device=x.device).repeat(self.ep_size),
+                                            recv_counts.flatten())
         perm = torch.argsort(local_ids, stable=True)
         return ExpertParallelDispatched(
             x=received[perm], counts=recv_counts.sum(0), expert_ids=local_ids[perm] + self.ep_rank * self.local,

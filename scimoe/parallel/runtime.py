@@ -58,7 +58,7 @@ class Runtime:
             loss = out.loss_sum / max(label_tokens, 1) + (out.balance_loss + out.z_loss) / n_micro
             loss.backward()
             totals += torch.stack([out.loss_sum.detach(), out.balance_loss.detach() / n_micro,
-                                   out.z_loss.detach() / n_micro]).double()
+                                   out.z_loss.detach() / n_micro]).double().cpu()
             _accumulate_moe_stats(counts, entropy, out.moe, n_micro)
         return totals, counts, entropy
 
@@ -81,9 +81,11 @@ class Runtime:
 
 
 def _all_reduced(t: torch.Tensor, group) -> torch.Tensor:
-    out = t.detach().clone()
+    """Sum of `t` over `group`, on t's device (moved through the GPU when the backend is NCCL)."""
+    comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else t.device
+    out = t.detach().to(comm_device, copy=True)
     dist.all_reduce(out, group=group)
-    return out
+    return out.to(t.device)
 
 
 def _accumulate_moe_stats(counts: list, entropy: list, auxes: list, n_micro: int) -> None:
@@ -154,7 +156,7 @@ class DistributedRuntime(Runtime):
         if self.stage.last:
             totals[0] = self.stage.last_loss_sum
         totals, counts, entropy = self._sum_token_shares(totals, counts, entropy)
-        dist.all_reduce(totals, group=self.groups.pp)  # every stage holds its layers' terms
+        totals = _all_reduced(totals, self.groups.pp)  # every stage holds its layers' terms
         stages: list = [None] * self.dims.pp
         dist.all_gather_object(stages, (counts, entropy), group=self.groups.pp)
         return totals, [c for st in stages for c in st[0]], [h for st in stages for h in st[1]]
@@ -164,9 +166,7 @@ class DistributedRuntime(Runtime):
         (the LM loss is replicated over tp and stays as it is)."""
         if not self.tokens_split_over_tp:
             return totals, counts, entropy
-        moe_terms = totals[1:].clone()
-        dist.all_reduce(moe_terms, group=self.groups.tp)
-        totals = torch.cat([totals[:1], moe_terms])
+        totals = torch.cat([totals[:1], _all_reduced(totals[1:], self.groups.tp)])
         counts = [_all_reduced(c, self.groups.tp) for c in counts]
         entropy = [float(_all_reduced(torch.tensor(h), self.groups.tp)) / self.dims.tp for h in entropy]
         return totals, counts, entropy
@@ -205,16 +205,19 @@ class DistributedRuntime(Runtime):
         if self.dims.pp > 1 and self.groups.pp_rank > 0:
             shared = {id(p) for p in model.rotary.parameters()}
             dense = [p for p in dense if id(p) not in shared]
-        sq = lambda ps: sum((p.grad.double().pow(2).sum() for p in ps if p.grad is not None), torch.zeros((), dtype=torch.float64))  # noqa: E731
+        def sq(params) -> torch.Tensor:
+            return torch.tensor(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None),
+                                dtype=torch.float64)
+
         tp_sq = sq([p for p in dense if is_tensor_parallel(p)])
         if self.dims.tp > 1:
-            dist.all_reduce(tp_sq, group=self.groups.tp)
+            tp_sq = _all_reduced(tp_sq, self.groups.tp)
         expert_sq = sq(experts)
         if self.dims.ep > 1:
-            dist.all_reduce(expert_sq, group=self.groups.ep)
+            expert_sq = _all_reduced(expert_sq, self.groups.ep)
         stage_sq = sq([p for p in dense if not is_tensor_parallel(p)]) + tp_sq + expert_sq
         if self.dims.pp > 1:
-            dist.all_reduce(stage_sq, group=self.groups.pp)
+            stage_sq = _all_reduced(stage_sq, self.groups.pp)
         total = float(torch.sqrt(stage_sq))
         if max_norm > 0 and math.isfinite(total):
             coef = min(1.0, max_norm / (total + 1e-6))

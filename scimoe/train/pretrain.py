@@ -42,6 +42,13 @@ class PretrainResult:
     """Elements of optimizer state held by this rank (ZeRO-1 shards it)."""
 
 
+def compute_device() -> torch.device:
+    """This rank's GPU (LOCAL_RANK) when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initial_state: dict | None = None,
              gather_final_weights: bool = False) -> PretrainResult:
     """Train to `cfg.train.steps`, resuming if asked.
@@ -66,6 +73,8 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
     if initial_state is not None:
         model.load_state_dict(initial_state)
     runtime.prepare(model)  # shard experts, hook statistics reductions
+    device = compute_device()
+    model.to(device)
     rows = build_rows(cfg, run_dir)
     dp_rank = runtime.groups.dp_rank if not dims.is_single_process else 0
     loader = StepLoader(rows, cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seed, dp_rank, dims.dp)
@@ -88,7 +97,8 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
             began = time.perf_counter()
             lr = lr_at(step, cfg.train)
             optimizer.set_lr(lr)
-            result = train_step(model, optimizer, loader.next_step(), cfg.train.grad_clip, cfg.train.dtype, runtime)
+            batches = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in loader.next_step()]
+            result = train_step(model, optimizer, batches, cfg.train.grad_clip, cfg.train.dtype, runtime)
             elapsed = time.perf_counter() - began
             record = {
                 "step": step + 1, "loss": result.loss, "lm_loss": result.lm_loss,

@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/moe_layer.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python -m torch.distributed.run --standalone --nproc_per_node=4 benchmarks/moe_expert_parallel.py
 
 clean:
 	rm -rf $(VENV) outputs multirun wandb .pytest_cache

@@ -212,8 +212,10 @@ class ParallelConfig:
     """Expert-parallel size."""
     etp: int = 1
     """Expert tensor-parallel size."""
+    pp_virtual: int = 1
+    """Virtual pipeline stages (model chunks) per rank: > 1 runs megatron's interleaved 1F1B schedule."""
     pp_layers: Optional[list[int]] = None
-    """Decoder layers per pipeline stage (e.g. [3, 5]); None splits evenly."""
+    """Decoder layers per (virtual) pipeline stage, pp × pp_virtual entries (e.g. [3, 5]); None = even."""
     zero: int = 1
     """Optimizer-state sharding over data-parallel ranks: 0 = every rank keeps all AdamW state, 1 = ZeRO-1."""
 
@@ -221,6 +223,8 @@ class ParallelConfig:
         for key in ("tp", "pp", "ep", "etp"):
             _require(getattr(self, key) >= 1, f"parallel.{key}", "must be >= 1")
         _require(self.zero in (0, 1), "parallel.zero", f"must be 0 or 1, got {self.zero}")
+        _require(self.pp_virtual >= 1, "parallel.pp_virtual", "must be >= 1")
+        _require(self.pp_virtual == 1 or self.pp > 1, "parallel.pp_virtual", "needs parallel.pp > 1")
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Pipeline parallelism: this rank's stage of the model, run by megatron-core's 1F1B schedule.
 
-Tested by `tests/distributed/test_parity.py` (pp2, pp2×dp2, pp2×ep2 against one process). Stage s
-keeps decoder layers [s·L/pp, (s+1)·L/pp) (or `parallel.pp_layers`), the first stage the embedding,
+Tested by `tests/distributed/test_parity.py` (pp2, pp2 interleaved, pp2×dp2, pp2×ep2, tp2×pp2 against one
+process). With v virtual stages per rank (`parallel.pp_virtual`, megatron's interleaved schedule)
+the layers split into pp·v stages and rank r runs stages r, r+pp, …; otherwise stage s keeps layers
+[s·L/pp, (s+1)·L/pp) (or `parallel.pp_layers`). The first stage holds the embedding,
 the last the final norm, LM head and loss; the FoPE tables are shared by every layer and so live on
 every stage, with their gradients summed over the pipeline. Each MoE layer's balance and z terms are
 attached to the activations (scaled by 1/micro-batches) so their gradient reaches the router through
@@ -18,31 +20,29 @@ from scimoe.model import MoETransformer
 
 
 def stage_layers(layers: int, stages: int, stage: int, split: list[int] | None = None) -> range:
-    """Decoder-layer indices of `stage`: even split, or `split` = layers per stage."""
+    """Decoder-layer indices of (virtual) `stage`: even split, or `split` = layers per stage."""
     counts = split or [layers // stages + (1 if s < layers % stages else 0) for s in range(stages)]
     if len(counts) != stages or sum(counts) != layers or min(counts) < 1:
-        raise ValueError(f"parallel.pp_layers {split} must list {stages} positive counts summing to model.layers ({layers})")
+        raise ValueError(f"parallel.pp_layers {split} must list {stages} positive counts (pp × pp_virtual) "
+                         f"summing to model.layers ({layers})")
     start = sum(counts[:stage])
     return range(start, start + counts[stage])
 
 
-class PipelineStage(nn.Module):
-    """The part of the model one pipeline rank runs; megatron's schedule calls it per micro-batch."""
+class PipelineChunk(nn.Module):
+    """One model chunk (virtual stage) a pipeline rank runs; megatron's schedule calls it per micro-batch.
 
-    def __init__(self, model: MoETransformer, stage: int, stages: int, config, split: list[int] | None = None) -> None:
-        super().__init__()
-        self.layer_ids = stage_layers(len(model.layers), stages, stage, split)
-        self.first, self.last = stage == 0, stage == stages - 1
-        for i in range(len(model.layers)):
-            if i not in self.layer_ids:
-                model.layers[i] = nn.Identity()  # keeps the single-process parameter names
-        if not self.first:
-            model.embed_tokens = None
-        if not self.last:
-            model.norm = model.lm_head = None
-        self.model = model
+    Chunk c of rank r is virtual stage c·pp + r. The interleaved schedule gives a rank several chunks
+    that share one (stripped) model, so parameters and their names stay those of the single process.
+    """
+
+    def __init__(self, model: MoETransformer, virtual_stage: int, virtual_stages: int, layer_ids: range, config) -> None:
         from megatron.core.enums import ModelType
 
+        super().__init__()
+        self.virtual_stage, self.layer_ids = virtual_stage, layer_ids
+        self.first, self.last = virtual_stage == 0, virtual_stage == virtual_stages - 1
+        self.model = model
         self.config = config  # read by megatron's schedule (p2p shapes, dtype, loss convention)
         self.model_type = ModelType.encoder_or_decoder
         self.input_tensor: torch.Tensor | None = None
@@ -67,7 +67,24 @@ class PipelineStage(nn.Module):
         return x.transpose(0, 1).contiguous()
 
 
-def megatron_pipeline_config(model: MoETransformer, tp: int, pp: int):
+def build_chunks(model: MoETransformer, rank: int, pp: int, virtual: int, config,
+                 split: list[int] | None = None) -> list[PipelineChunk]:
+    """This rank's chunks, and the model stripped to what they run (placeholders keep the names)."""
+    stages = pp * virtual
+    ids = [stage_layers(len(model.layers), stages, c * pp + rank, split) for c in range(virtual)]
+    keep = {i for r in ids for i in r}
+    for i in range(len(model.layers)):
+        if i not in keep:
+            model.layers[i] = nn.Identity()
+    chunks = [PipelineChunk(model, c * pp + rank, stages, ids[c], config) for c in range(virtual)]
+    if not chunks[0].first:
+        model.embed_tokens = None
+    if not chunks[-1].last:
+        model.norm = model.lm_head = None
+    return chunks
+
+
+def megatron_pipeline_config(model: MoETransformer, tp: int, pp: int, virtual: int = 1):
     """The TransformerConfig megatron's schedule reads (tensor shapes, dtype, loss convention)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -76,18 +93,24 @@ def megatron_pipeline_config(model: MoETransformer, tp: int, pp: int):
         num_layers=cfg.layers, hidden_size=cfg.hidden, num_attention_heads=cfg.heads,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
         # Our loss is already the global-token mean: the schedule must not divide it again.
-        calculate_per_token_loss=True, batch_p2p_comm=False, use_cpu_initialization=True)
+        calculate_per_token_loss=True, batch_p2p_comm=False, use_cpu_initialization=True,
+        virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None)
 
 
-def pipeline_forward_backward(stage: PipelineStage, microbatches: list[dict[str, torch.Tensor]],
-                              label_tokens: int) -> list[list]:
-    """1F1B over the micro-batches; returns per-micro-batch MoE statistics of this stage's layers."""
+def pipeline_forward_backward(chunks: list[PipelineChunk], microbatches: list[dict[str, torch.Tensor]],
+                              label_tokens: int, pp: int) -> None:
+    """1F1B (interleaved when a rank has several chunks) over the micro-batches; each chunk keeps its
+    layers' MoE statistics per micro-batch in `auxes`, the last one its loss sum."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    n_micro = len(microbatches)
-    stage.auxes, stage.last_loss_sum = [], 0.0
+    n_micro, virtual = len(microbatches), len(chunks)
+    if virtual > 1 and n_micro < pp:
+        raise ValueError(f"the interleaved schedule needs at least parallel.pp ({pp}) micro-batches per step, got "
+                         f"{n_micro} (train.global_batch / (train.micro_batch × data-parallel size))")
+    for chunk in chunks:
+        chunk.auxes, chunk.last_loss_sum = [], 0.0
 
-    def forward_step(data: Iterator, model: PipelineStage):
+    def forward_step(data: Iterator, model: PipelineChunk):
         mb = next(data)
         out = model(mb, label_tokens, 1.0 / n_micro)
 
@@ -96,6 +119,6 @@ def pipeline_forward_backward(stage: PipelineStage, microbatches: list[dict[str,
         return out, loss_func
 
     b, s = microbatches[0]["input_ids"].shape
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(microbatches), model=[stage],
-                                num_microbatches=n_micro, seq_length=s, micro_batch_size=b, forward_only=False)
-    return stage.auxes
+    schedule = get_forward_backward_func(pp_size=pp, vp_size=virtual if virtual > 1 else None)
+    schedule(forward_step_func=forward_step, data_iterator=[iter(microbatches) for _ in chunks], model=chunks,
+             num_microbatches=n_micro, seq_length=s, micro_batch_size=b, forward_only=False)

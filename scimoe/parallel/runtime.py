@@ -20,7 +20,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from scimoe.model import MoETransformer
 from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.expert import TokenSplit, apply_expert_parallel, expert_parameters
-from scimoe.parallel.pipeline import PipelineStage, megatron_pipeline_config, pipeline_forward_backward
+from scimoe.parallel.pipeline import build_chunks, megatron_pipeline_config, pipeline_forward_backward
 from scimoe.parallel.state import Groups
 from scimoe.parallel.tensor import (apply_tensor_parallel, gather_tensor_parallel, is_tensor_parallel,
                                     partial_grad_parameters)
@@ -110,9 +110,10 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], group) -> None:
 class DistributedRuntime(Runtime):
     """Tensor, pipeline, expert and data parallelism (expert tensor parallelism is not built yet)."""
 
-    def __init__(self, dims: ParallelDims, groups: Groups, pp_layers: list[int] | None = None) -> None:
-        self.dims, self.groups, self.pp_layers = dims, groups, pp_layers
-        self.stage = None
+    def __init__(self, dims: ParallelDims, groups: Groups, pp_layers: list[int] | None = None,
+                 pp_virtual: int = 1) -> None:
+        self.dims, self.groups, self.pp_layers, self.pp_virtual = dims, groups, pp_layers, pp_virtual
+        self.chunks = None
 
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return _all_reduced(t, self.groups.dp)
@@ -128,10 +129,10 @@ class DistributedRuntime(Runtime):
                 moe.token_split = split
             stats_group = self.groups.tp_dp
         self.stats_reduce = lambda t: _all_reduced(t, stats_group)
-        self.stage = None
+        self.chunks = None
         if self.dims.pp > 1:
-            config = megatron_pipeline_config(model, self.dims.tp, self.dims.pp)
-            self.stage = PipelineStage(model, self.groups.pp_rank, self.dims.pp, config, self.pp_layers)
+            config = megatron_pipeline_config(model, self.dims.tp, self.dims.pp, self.pp_virtual)
+            self.chunks = build_chunks(model, self.groups.pp_rank, self.dims.pp, self.pp_virtual, config, self.pp_layers)
         for moe in model.moe_layers():
             moe.stats_reduce = self.stats_reduce
 
@@ -139,34 +140,40 @@ class DistributedRuntime(Runtime):
         if self.tokens_split_over_tp and microbatches[0]["input_ids"].shape[0] % self.dims.tp:
             raise ValueError(f"train.micro_batch ({microbatches[0]['input_ids'].shape[0]}) must be divisible by "
                              f"parallel.tp ({self.dims.tp}) when tensor and expert parallelism are combined")
-        if self.stage is None:
+        if self.chunks is None:
             totals, counts, entropy = super().forward_backward(model, microbatches, label_tokens, dtype)
             return self._sum_token_shares(totals, counts, entropy)
         with autocast_context(dtype):
-            per_micro = pipeline_forward_backward(self.stage, microbatches, label_tokens)
+            pipeline_forward_backward(self.chunks, microbatches, label_tokens, self.dims.pp)
         n_micro = len(microbatches)
-        counts: list[torch.Tensor] = []
-        entropy: list[float] = []
         totals = torch.zeros(3, dtype=torch.float64)
-        for auxes in per_micro:
-            _accumulate_moe_stats(counts, entropy, auxes, n_micro)
-            for a in auxes:
-                totals += torch.tensor([0.0, float(a.balance_loss) / n_micro, float(a.z_loss) / n_micro],
-                                       dtype=torch.float64)
-        if self.stage.last:
-            totals[0] = self.stage.last_loss_sum
-        totals, counts, entropy = self._sum_token_shares(totals, counts, entropy)
+        per_chunk = []  # (virtual stage, counts, entropy) of this rank's chunks
+        for chunk in self.chunks:
+            counts: list[torch.Tensor] = []
+            entropy: list[float] = []
+            for auxes in chunk.auxes:
+                _accumulate_moe_stats(counts, entropy, auxes, n_micro)
+                for a in auxes:
+                    totals[1] += float(a.balance_loss) / n_micro
+                    totals[2] += float(a.z_loss) / n_micro
+            totals[0] += chunk.last_loss_sum
+            counts, entropy = self._sum_token_shares(None, counts, entropy)[1:]
+            per_chunk.append((chunk.virtual_stage, [c.cpu() for c in counts], entropy))
+        totals = self._sum_token_shares(totals, [], [])[0]
         totals = _all_reduced(totals, self.groups.pp)  # every stage holds its layers' terms
-        stages: list = [None] * self.dims.pp
-        dist.all_gather_object(stages, (counts, entropy), group=self.groups.pp)
-        return totals, [c for st in stages for c in st[0]], [h for st in stages for h in st[1]]
+        everyone: list = [None] * self.dims.pp
+        dist.all_gather_object(everyone, per_chunk, group=self.groups.pp)
+        ordered = sorted((item for rank_chunks in everyone for item in rank_chunks), key=lambda item: item[0])
+        return (totals, [c.to(microbatches[0]["input_ids"].device) for _, cs, _ in ordered for c in cs],
+                [h for _, _, hs in ordered for h in hs])
 
     def _sum_token_shares(self, totals, counts, entropy):
         """With tokens split over tp, balance/z terms and expert counts are per-share: add the shares
         (the LM loss is replicated over tp and stays as it is)."""
         if not self.tokens_split_over_tp:
             return totals, counts, entropy
-        totals = torch.cat([totals[:1], _all_reduced(totals[1:], self.groups.tp)])
+        if totals is not None:
+            totals = torch.cat([totals[:1], _all_reduced(totals[1:], self.groups.tp)])
         counts = [_all_reduced(c, self.groups.tp) for c in counts]
         entropy = [float(_all_reduced(torch.tensor(h), self.groups.tp)) / self.dims.tp for h in entropy]
         return totals, counts, entropy
@@ -247,5 +254,6 @@ class DistributedRuntime(Runtime):
         dist.barrier()
 
 
-def make_runtime(dims: ParallelDims, groups: Groups, pp_layers: list[int] | None = None) -> Runtime:
-    return Runtime() if dims.is_single_process else DistributedRuntime(dims, groups, pp_layers)
+def make_runtime(dims: ParallelDims, groups: Groups, pp_layers: list[int] | None = None,
+                 pp_virtual: int = 1) -> Runtime:
+    return Runtime() if dims.is_single_process else DistributedRuntime(dims, groups, pp_layers, pp_virtual)

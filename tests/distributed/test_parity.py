@@ -69,9 +69,10 @@ def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference
                {"name": "dp2", "ep": 1, "micro_batch": GLOBAL_BATCH // 4},
                {"name": "tp2", "tp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
                {"name": "dp2_zero0", "ep": 1, "zero": 0, "micro_batch": GLOBAL_BATCH // 4},
-               {"name": "pp2", "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2}]
+               {"name": "pp2", "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
+               {"name": "pp2_interleaved", "pp": 2, "pp_virtual": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2}]
     out = launch(2, {"parity": dict(reference, layouts=layouts), "dispatch": True, "grad_norm": True}, tmp_path)
-    _assert_parity(out["parity"], ["ep2", "dp2", "tp2", "dp2_zero0", "pp2"])
+    _assert_parity(out["parity"], ["ep2", "dp2", "tp2", "dp2_zero0", "pp2", "pp2_interleaved"])
     # ZeRO-1 (the default) holds about half the AdamW state per rank at dp2; zero=0 holds all of it.
     assert 0.3 < out["parity"]["dp2"]["optimizer_state_share"] < 0.7
     assert out["parity"]["dp2_zero0"]["optimizer_state_share"] == 1.0

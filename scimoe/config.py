@@ -212,6 +212,9 @@ class ParallelConfig:
     """Expert-parallel size."""
     etp: int = 1
     """Expert tensor-parallel size."""
+    sequence_parallel: bool = False
+    """With tp > 1, keep the residual stream, norms and MoE blocks on seq_len/tp positions per tp rank
+    (activation memory ÷ tp); attention and the LM head gather the whole sequence."""
     pp_virtual: int = 1
     """Virtual pipeline stages (model chunks) per rank: > 1 runs megatron's interleaved 1F1B schedule."""
     pp_layers: Optional[list[int]] = None

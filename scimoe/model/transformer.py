@@ -46,9 +46,16 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.rms_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.mlp = SwiGLU(cfg.hidden, cfg.moe.dense_ffn_hidden) if dense else MoELayer(cfg.hidden, cfg.moe)
+        self.sequence_shards = None
+        """Set by scimoe.parallel for sequence parallelism: `gather(x)` / `split(x)` along the sequence.
+        The residual stream, norms and MLP then hold s/tp positions; attention sees them all."""
 
     def forward(self, x, rotary, mask, replay=None) -> tuple[torch.Tensor, MoEAux | None]:
-        x = x + self.self_attn(self.input_layernorm(x), rotary, mask)
+        h = self.input_layernorm(x)
+        if self.sequence_shards is None:
+            x = x + self.self_attn(h, rotary, mask)
+        else:
+            x = x + self.sequence_shards.split(self.self_attn(self.sequence_shards.gather(h), rotary, mask))
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoELayer):
             y, aux = self.mlp(h, replay)
@@ -71,6 +78,8 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, dense=i < cfg.moe.dense_layers) for i in range(cfg.layers))
         self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.sequence_shards = None
+        """Set by scimoe.parallel for sequence parallelism (see DecoderLayer.sequence_shards)."""
         self.token_loss = None
         """Per-token loss (logits, labels) → [B, T], 0 where labels == −100; None = plain cross-entropy.
         Tensor parallelism installs megatron's vocab-parallel cross-entropy here."""
@@ -102,7 +111,10 @@ class MoETransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None,
                 replay: list[torch.Tensor] | None = None) -> ModelOutput:
-        x, auxes = self.run_layers(self.embed_tokens(input_ids), positions, range(len(self.layers)), replay)
+        x = self.embed_tokens(input_ids)
+        if self.sequence_shards is not None:
+            x = self.sequence_shards.split(x)
+        x, auxes = self.run_layers(x, positions, range(len(self.layers)), replay)
         logits, loss_sum, label_tokens = self.output(x, labels)
         zero = loss_sum.new_zeros(())
         return ModelOutput(
@@ -133,7 +145,10 @@ class MoETransformer(nn.Module):
 
     def output(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Final norm and LM head; (logits, sum of token losses, label count)."""
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if self.sequence_shards is not None:
+            x = self.sequence_shards.gather(x)
+        logits = self.lm_head(x)
         loss_sum, label_tokens = logits.new_zeros((), dtype=torch.float32), 0
         if labels is not None:
             if self.token_loss is None:

@@ -60,49 +60,54 @@ class ExpertParallelDispatcher:
 
 
 class _Split(torch.autograd.Function):
-    """Rows → this rank's contiguous share; backward all-gathers the shares' gradients."""
+    """Rows (along `dim`) → this rank's contiguous share; backward all-gathers the shares' gradients."""
 
     @staticmethod
-    def forward(ctx, x, group, rank, parts):  # noqa: D102
-        ctx.group, ctx.parts = group, parts
-        return x.chunk(parts)[rank].contiguous()
+    def forward(ctx, x, group, rank, parts, dim):  # noqa: D102
+        ctx.group, ctx.parts, ctx.dim = group, parts, dim
+        return x.chunk(parts, dim=dim)[rank].contiguous()
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        return _gather_rows(grad.contiguous(), ctx.group, ctx.parts), None, None, None
+        return _gather(grad.contiguous(), ctx.group, ctx.parts, ctx.dim), None, None, None, None
 
 
 class _Gather(torch.autograd.Function):
-    """Shares → all rows; backward keeps this rank's share (downstream gradients are replicated)."""
+    """Shares → the whole tensor along `dim`; backward keeps this rank's share of the gradient, which
+    must already be complete on every rank (replicated downstream, or all-reduced by megatron's
+    column-parallel backward)."""
 
     @staticmethod
-    def forward(ctx, x, group, rank, parts):  # noqa: D102
-        ctx.rank, ctx.parts = rank, parts
-        return _gather_rows(x.contiguous(), group, parts)
+    def forward(ctx, x, group, rank, parts, dim):  # noqa: D102
+        ctx.rank, ctx.parts, ctx.dim = rank, parts, dim
+        return _gather(x.contiguous(), group, parts, dim)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        return grad.chunk(ctx.parts)[ctx.rank].contiguous(), None, None, None
+        return grad.chunk(ctx.parts, dim=ctx.dim)[ctx.rank].contiguous(), None, None, None, None
 
 
-def _gather_rows(x: torch.Tensor, group, parts: int) -> torch.Tensor:
+def _gather(x: torch.Tensor, group, parts: int, dim: int) -> torch.Tensor:
     pieces = [torch.empty_like(x) for _ in range(parts)]
     dist.all_gather(pieces, x, group=group)  # a list: gloo has no all_gather_into_tensor
-    return torch.cat(pieces)
+    return torch.cat(pieces, dim=dim)
 
 
 class TokenSplit:
-    """Megatron's tp × ep layout: tensor-parallel ranks hold the same tokens, so each routes and
-    dispatches only its 1/tp share, and the MoE outputs are gathered back over tp."""
+    """Shares of a tensor over the tensor-parallel group along `dim`.
 
-    def __init__(self, group, rank: int, parts: int) -> None:
-        self.group, self.rank, self.parts = group, rank, parts
+    dim 0 of flat tokens: megatron's tp × ep layout (tp ranks hold the same tokens, so each routes and
+    dispatches only its 1/tp share and the MoE outputs are gathered back). dim 1 of [b, s, h]:
+    sequence parallelism (each tp rank keeps s/tp positions of the residual stream)."""
+
+    def __init__(self, group, rank: int, parts: int, dim: int = 0) -> None:
+        self.group, self.rank, self.parts, self.dim = group, rank, parts, dim
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
-        return _Split.apply(x, self.group, self.rank, self.parts)
+        return _Split.apply(x, self.group, self.rank, self.parts, self.dim)
 
     def gather(self, y: torch.Tensor) -> torch.Tensor:
-        return _Gather.apply(y, self.group, self.rank, self.parts)
+        return _Gather.apply(y, self.group, self.rank, self.parts, self.dim)
 
 
 def apply_expert_parallel(model: MoETransformer, group, ep_rank: int, ep_size: int) -> None:

@@ -111,8 +111,9 @@ class DistributedRuntime(Runtime):
     """Tensor, pipeline, expert and data parallelism (expert tensor parallelism is not built yet)."""
 
     def __init__(self, dims: ParallelDims, groups: Groups, pp_layers: list[int] | None = None,
-                 pp_virtual: int = 1) -> None:
+                 pp_virtual: int = 1, sequence_parallel: bool = False) -> None:
         self.dims, self.groups, self.pp_layers, self.pp_virtual = dims, groups, pp_layers, pp_virtual
+        self.sequence_parallel = sequence_parallel
         self.chunks = None
 
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -121,13 +122,23 @@ class DistributedRuntime(Runtime):
     def prepare(self, model: MoETransformer) -> None:
         apply_tensor_parallel(model, self.groups.tp, self.groups.tp_rank, self.dims.tp)
         apply_expert_parallel(model, self.groups.ep, self.groups.ep_rank, self.dims.ep)
-        self.tokens_split_over_tp = self.dims.tp > 1 and self.dims.ep > 1
-        stats_group = self.groups.dp
-        if self.tokens_split_over_tp:  # megatron's tp×ep layout: tp ranks route disjoint token shares
+        self.sequence_parallel = self.sequence_parallel and self.dims.tp > 1
+        if self.sequence_parallel:
+            if self.dims.pp > 1:
+                raise NotImplementedError("parallel.sequence_parallel with parallel.pp > 1 is not built yet")
+            shards = TokenSplit(self.groups.tp, self.groups.tp_rank, self.dims.tp, dim=1)
+            model.sequence_shards = shards
+            for layer in model.layers:
+                layer.sequence_shards = shards
+            for moe in model.moe_layers():
+                moe.sequence_reduce = lambda t: _all_reduced(t, self.groups.tp)
+        elif self.dims.tp > 1 and self.dims.ep > 1:  # megatron's tp×ep layout: tp ranks route token shares
             split = TokenSplit(self.groups.tp, self.groups.tp_rank, self.dims.tp)
             for moe in model.moe_layers():
                 moe.token_split = split
-            stats_group = self.groups.tp_dp
+        # Tokens differ across tp ranks in the MoE blocks (sequence shards or tp×ep token shares).
+        self.tokens_split_over_tp = self.sequence_parallel or (self.dims.tp > 1 and self.dims.ep > 1)
+        stats_group = self.groups.tp_dp if self.tokens_split_over_tp else self.groups.dp
         self.stats_reduce = lambda t: _all_reduced(t, stats_group)
         self.chunks = None
         if self.dims.pp > 1:
@@ -137,9 +148,12 @@ class DistributedRuntime(Runtime):
             moe.stats_reduce = self.stats_reduce
 
     def forward_backward(self, model, microbatches, label_tokens, dtype="fp32"):
-        if self.tokens_split_over_tp and microbatches[0]["input_ids"].shape[0] % self.dims.tp:
-            raise ValueError(f"train.micro_batch ({microbatches[0]['input_ids'].shape[0]}) must be divisible by "
-                             f"parallel.tp ({self.dims.tp}) when tensor and expert parallelism are combined")
+        b, s = microbatches[0]["input_ids"].shape
+        if self.sequence_parallel and s % self.dims.tp:
+            raise ValueError(f"train.seq_len ({s}) must be divisible by parallel.tp ({self.dims.tp}) with sequence parallelism")
+        if self.tokens_split_over_tp and not self.sequence_parallel and b % self.dims.tp:
+            raise ValueError(f"train.micro_batch ({b}) must be divisible by parallel.tp ({self.dims.tp}) when tensor "
+                             "and expert parallelism are combined")
         if self.chunks is None:
             totals, counts, entropy = super().forward_backward(model, microbatches, label_tokens, dtype)
             return self._sum_token_shares(totals, counts, entropy)
@@ -195,7 +209,9 @@ class DistributedRuntime(Runtime):
 
     def sync_grads(self, model: MoETransformer) -> None:
         dense, experts = self._split(model)
-        if self.dims.tp > 1:
+        if self.sequence_parallel:  # every replicated weight saw only this rank's positions
+            _all_reduce_grads([p for p in dense if not is_tensor_parallel(p)], self.groups.tp)
+        elif self.dims.tp > 1:
             _all_reduce_grads(partial_grad_parameters(model), self.groups.tp)
         if self.dims.pp > 1:  # the FoPE tables serve layers on every stage
             _all_reduce_grads(list(model.rotary.parameters()), self.groups.pp)
@@ -255,5 +271,7 @@ class DistributedRuntime(Runtime):
 
 
 def make_runtime(dims: ParallelDims, groups: Groups, pp_layers: list[int] | None = None,
-                 pp_virtual: int = 1) -> Runtime:
-    return Runtime() if dims.is_single_process else DistributedRuntime(dims, groups, pp_layers, pp_virtual)
+                 pp_virtual: int = 1, sequence_parallel: bool = False) -> Runtime:
+    if dims.is_single_process:
+        return Runtime()
+    return DistributedRuntime(dims, groups, pp_layers, pp_virtual, sequence_parallel)

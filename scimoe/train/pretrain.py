@@ -59,7 +59,8 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
     dims = dims or dims_from_env(cfg.parallel)
     dims.check_model(cfg.model.moe.num_experts, cfg.model.layers, cfg.model.moe.n_groups)
     groups = init_process_groups(dims)
-    runtime = make_runtime(dims, groups, cfg.parallel.pp_layers, cfg.parallel.pp_virtual)
+    runtime = make_runtime(dims, groups, cfg.parallel.pp_layers, cfg.parallel.pp_virtual,
+                           cfg.parallel.sequence_parallel)
     coordinates = gather_coordinates(dims, groups)
     if dims.rank == 0:
         log.info("layout %s, run dir %s", dims.describe(), run_dir)

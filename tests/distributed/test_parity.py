@@ -70,9 +70,10 @@ def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference
                {"name": "tp2", "tp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
                {"name": "dp2_zero0", "ep": 1, "zero": 0, "micro_batch": GLOBAL_BATCH // 4},
                {"name": "pp2", "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
-               {"name": "pp2_interleaved", "pp": 2, "pp_virtual": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2}]
+               {"name": "pp2_interleaved", "pp": 2, "pp_virtual": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
+               {"name": "tp2_sp", "tp": 2, "sp": True, "ep": 1, "micro_batch": GLOBAL_BATCH // 2}]
     out = launch(2, {"parity": dict(reference, layouts=layouts), "dispatch": True, "grad_norm": True}, tmp_path)
-    _assert_parity(out["parity"], ["ep2", "dp2", "tp2", "dp2_zero0", "pp2", "pp2_interleaved"])
+    _assert_parity(out["parity"], ["ep2", "dp2", "tp2", "dp2_zero0", "pp2", "pp2_interleaved", "tp2_sp"])
     # ZeRO-1 (the default) holds about half the AdamW state per rank at dp2; zero=0 holds all of it.
     assert 0.3 < out["parity"]["dp2"]["optimizer_state_share"] < 0.7
     assert out["parity"]["dp2_zero0"]["optimizer_state_share"] == 1.0
@@ -95,9 +96,10 @@ def test_four_rank_layouts_match_single_process(reference, tmp_path):
                {"name": "pp2xdp2", "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 4},
                {"name": "pp2xep2", "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4},
                {"name": "tp2xpp2", "tp": 2, "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
-               {"name": "tp2xep2", "tp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4}]
+               {"name": "tp2xep2", "tp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4},
+               {"name": "tp2xep2_sp", "tp": 2, "ep": 2, "sp": True, "micro_batch": GLOBAL_BATCH // 4}]
     out = launch(4, {"parity": dict(reference, layouts=layouts), "dispatch": True}, tmp_path)
-    _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4", "tp2xdp2", "pp2xdp2", "pp2xep2", "tp2xpp2", "tp2xep2"])
+    _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4", "tp2xdp2", "pp2xdp2", "pp2xep2", "tp2xpp2", "tp2xep2", "tp2xep2_sp"])
     assert 0.15 < out["parity"]["dp4"]["optimizer_state_share"] < 0.35
     for rank in ("rank1", "rank2", "rank3"):
         assert out["dispatch"][rank]["all_on_rank0"]["received"] == 0

@@ -44,6 +44,7 @@ def run_parity(spec: dict, rank: int, world: int) -> dict:
         cfg.parallel.ep, cfg.parallel.tp, cfg.parallel.pp = layout["ep"], layout.get("tp", 1), layout.get("pp", 1)
         cfg.parallel.zero = layout.get("zero", 1)
         cfg.parallel.pp_virtual = layout.get("pp_virtual", 1)
+        cfg.parallel.sequence_parallel = layout.get("sp", False)
         dims = ParallelDims(world_size=world, rank=rank, ep=layout["ep"], tp=layout.get("tp", 1), pp=layout.get("pp", 1))
         # Balance terms are micro-batch statistics: the union over dp ranks of micro-batch m must be
         # the reference's micro-batch m, or the layouts compute different losses.

@@ -46,6 +46,9 @@ class MoELayer(nn.Module):
         self.dispatcher = LocalDispatcher(cfg.num_experts)
         self.stats_reduce: Optional[losses.Reduce] = None
         """Sums statistics over the ranks holding distinct tokens; set by scimoe.parallel, None on one process."""
+        self.sequence_reduce: Optional[losses.Reduce] = None
+        """Sums per-sequence statistics over the ranks holding other positions of the same sequences
+        (sequence parallelism); None when every rank holds whole sequences."""
         self.token_split = None
         """Set by scimoe.parallel when tensor- and expert-parallel ranks share tokens: an object with
         `parts`, `split(x)` (this rank's contiguous share of the rows) and `gather(y)` (all rows back)."""
@@ -104,7 +107,7 @@ class MoELayer(nn.Module):
             balance = balance + cfg.aux_loss_coef * losses.aux_loss(probs, idx, cfg.top_k, self.stats_reduce)
         if cfg.seq_aux_loss_coef:
             balance = balance + cfg.seq_aux_loss_coef * losses.sequence_aux_loss(
-                probs, idx, cfg.top_k, batch, self.stats_reduce)
+                probs, idx, cfg.top_k, batch, self.stats_reduce, self.sequence_reduce)
         if cfg.group_balance_coef:
             balance = balance + cfg.group_balance_coef * losses.group_balance_loss(
                 probs, idx, cfg.top_k, cfg.n_groups, self.stats_reduce)

@@ -34,15 +34,22 @@ def aux_loss(probs: torch.Tensor, indices: torch.Tensor, top_k: int, reduce: Red
 
 
 def sequence_aux_loss(probs: torch.Tensor, indices: torch.Tensor, top_k: int, batch: int,
-                      reduce: Reduce = None) -> torch.Tensor:
-    """The aux form inside each sequence (probs laid out [B·S, E]), averaged over all sequences."""
+                      reduce: Reduce = None, sequence_reduce: Reduce = None) -> torch.Tensor:
+    """The aux form inside each sequence (probs laid out [B·S, E]), averaged over all sequences.
+
+    With sequence parallelism each rank holds S/n positions of its sequences: `sequence_reduce` sums
+    the per-sequence counts and lengths over those n ranks, and the sequences counted by `reduce`
+    (which then spans them too) are divided by n."""
     t, num_experts = probs.shape
     seq = t // batch
     counts = torch.zeros(batch, num_experts, device=probs.device)
     counts.scatter_add_(1, indices.view(batch, -1), torch.ones_like(indices.view(batch, -1), dtype=torch.float))
-    mean_probs = probs.view(batch, seq, num_experts).mean(1)
-    per_seq = num_experts / (top_k * seq) * (counts * mean_probs).sum(-1)
-    return per_seq.sum() / _reduced(probs.new_tensor(float(batch)), reduce)
+    length, shards = probs.new_tensor(float(seq)), probs.new_tensor(1.0)
+    if sequence_reduce is not None:
+        counts, length, shards = sequence_reduce(counts), sequence_reduce(length), sequence_reduce(shards)
+    prob_sums = probs.view(batch, seq, num_experts).sum(1)
+    per_seq = num_experts / (top_k * length * length) * (counts * prob_sums).sum(-1)
+    return per_seq.sum() * shards / _reduced(probs.new_tensor(float(batch)), reduce)
 
 
 def z_loss(logits: torch.Tensor, reduce: Reduce = None) -> torch.Tensor:

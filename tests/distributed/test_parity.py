@@ -82,6 +82,8 @@ def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference
         for case, r in cases.items():
             assert r["y"] < 1e-5 and r["x_grad"] < 1e-5 and r["expert_grad"] < 1e-5, (rank, case, r)
     assert out["dispatch"]["rank1"]["all_on_rank0"]["received"] == 0  # a rank with zero tokens
+    for cases in out["dispatch"].values():  # G == ep: every token sends K/G = 1 copy to each ep rank
+        assert cases["balanced"]["send_splits"] == [cases["balanced"]["tokens"]] * 2
     assert out["dispatch"]["rank0"]["all_on_rank0"]["received"] == 2 * (3 + 5)  # every copy from both ranks
     gn = out["grad_norm"]
     assert gn["norm"] == pytest.approx(gn["expected"], rel=1e-9)
@@ -103,6 +105,9 @@ def test_four_rank_layouts_match_single_process(reference, tmp_path):
     assert 0.15 < out["parity"]["dp4"]["optimizer_state_share"] < 0.35
     for rank in ("rank1", "rank2", "rank3"):
         assert out["dispatch"][rank]["all_on_rank0"]["received"] == 0
+    for cases in out["dispatch"].values():  # G = 2 groups over ep = 4: K/G = 1 copy per group, 2 ranks a group
+        splits = cases["balanced"]["send_splits"]
+        assert splits[0] + splits[1] == splits[2] + splits[3] == cases["balanced"]["tokens"]
 
 
 def test_eight_rank_three_dimensional_layouts_match_single_process(reference, tmp_path):

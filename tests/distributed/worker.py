@@ -117,7 +117,8 @@ def run_dispatch(rank: int, world: int) -> dict:
         x_ref = x.detach().clone().requires_grad_()
         with torch.no_grad():
             chosen = replay if replay is not None else sharded.router(x.view(-1, 16)).indices
-            received = int(sharded.dispatcher.dispatch(x.detach().view(-1, 16), chosen).counts.sum())
+            probe = sharded.dispatcher.dispatch(x.detach().view(-1, 16), chosen)
+            received, send_splits = int(probe.counts.sum()), probe.send_splits
         y, _ = sharded(x, replay)
         y_ref, _ = full(x_ref, replay)
         g = torch.randn_like(y)
@@ -132,7 +133,7 @@ def run_dispatch(rank: int, world: int) -> dict:
         out[name] = {
             "y": float((y - y_ref).abs().max()), "x_grad": float((x.grad - x_ref.grad).abs().max()),
             "expert_grad": float((sharded.experts.down_proj.grad - ref_grad).abs().max()),
-            "received": received,
+            "received": received, "send_splits": send_splits, "tokens": tokens,
         }
         for m in (full, sharded):
             m.zero_grad(set_to_none=True)

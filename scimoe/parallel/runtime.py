@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from scimoe.model import MoETransformer
+from scimoe.parallel.deepspeed_groups import register_with_deepspeed
 from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.expert import TokenSplit, apply_expert_parallel, expert_parameters
 from scimoe.parallel.pipeline import build_chunks, megatron_pipeline_config, pipeline_forward_backward
@@ -122,6 +123,8 @@ class DistributedRuntime(Runtime):
     def prepare(self, model: MoETransformer) -> None:
         apply_tensor_parallel(model, self.groups.tp, self.groups.tp_rank, self.dims.tp)
         apply_expert_parallel(model, self.groups.ep, self.groups.ep_rank, self.dims.ep)
+        if self.dims.ep > 1:
+            register_with_deepspeed(self.dims, self.groups, expert_parameters(model))
         self.sequence_parallel = self.sequence_parallel and self.dims.tp > 1
         if self.sequence_parallel:
             if self.dims.pp > 1:

@@ -88,6 +88,7 @@ def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference
     gn = out["grad_norm"]
     assert gn["norm"] == pytest.approx(gn["expected"], rel=1e-9)
     assert gn["norm_after_clip"] == pytest.approx(1.0, rel=1e-5)
+    assert gn["deepspeed"] == dict.fromkeys(gn["deepspeed"], True)  # DeepSpeed sees megatron's groups
 
 
 def test_four_rank_layouts_match_single_process(reference, tmp_path):

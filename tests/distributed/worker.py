@@ -157,7 +157,24 @@ def run_grad_norm(rank: int, world: int) -> dict:
     clipped = sum(float(p.grad.double().pow(2).sum()) for p in sharded.experts.parameters())
     dist.all_reduce(t := torch.tensor(clipped, dtype=torch.float64))
     dense_after = sum(float(p.grad.double().pow(2).sum()) for n, p in model.named_parameters() if ".experts." not in n)
-    return {"norm": got, "expected": expected, "norm_after_clip": (float(t) + dense_after) ** 0.5}
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+    from deepspeed.utils import groups as ds_groups
+    from megatron.core import parallel_state as ps
+
+    name = f"ep_size_{world}"
+    moe_groups = split_params_into_different_moe_groups_for_optimizer([{"params": list(model.parameters()), "name": "all"}])
+    deepspeed = {
+        "same_ep_ranks": ds_groups._get_expert_parallel_group_ranks(name)
+        == dist.get_process_group_ranks(ps.get_expert_model_parallel_group()),
+        "same_expert_dp_ranks": ds_groups._get_expert_data_parallel_group_ranks(name)
+        == dist.get_process_group_ranks(ps.get_expert_data_parallel_group()),
+        "moe_params_are_experts": {id(p) for p in model.parameters() if is_moe_param(p)}
+        == {id(p) for p in sharded.experts.parameters()},
+        "moe_optimizer_group": any(g.get("moe") and len(g["params"]) == 2 for g in moe_groups),
+        "mpu_dp_rank": ds_groups.mpu.get_data_parallel_rank() == ps.get_data_parallel_rank(),
+    }
+    return {"norm": got, "expected": expected, "norm_after_clip": (float(t) + dense_after) ** 0.5,
+            "deepspeed": deepspeed}
 
 
 def main() -> None:

@@ -196,9 +196,9 @@ class DistributedRuntime(Runtime):
         return totals, counts, entropy
 
     def _split(self, model: MoETransformer):
-        """(dense, expert-sharded) parameters. Without ep the experts are replicated like dense weights
-        (also across tp: our MoE runs whole on each tp rank, unlike megatron's etp=1 token split, so
-        megatron's expert-dp group, which spans tp, must not be used for them)."""
+        """(dense, expert-sharded) parameters. Without ep the experts are replicated like dense weights,
+        reduced over dp (plus tp under sequence parallelism); megatron's expert-dp group, which spans
+        tp, must not be used for them."""
         experts = {id(p) for p in expert_parameters(model)} if self.dims.ep > 1 else set()
         params = list(model.parameters())
         return [p for p in params if id(p) not in experts], [p for p in params if id(p) in experts]

@@ -9,8 +9,10 @@ same layout (changing layouts is the checkpoint issue's work).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -19,10 +21,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 FORMAT_VERSION = 1
 MARKER = "COMPLETE"
+MANIFEST = "MANIFEST.json"
+log = logging.getLogger("scimoe")
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -34,11 +39,13 @@ def step_dir(run_dir: str, step: int) -> str:
     return os.path.join(checkpoint_root(run_dir), f"step_{step:08d}")
 
 
-def _fsync_write(path: str, data: bytes) -> None:
+def _fsync_write(path: str, data: bytes) -> str:
+    """Write, flush and fsync `data`; returns its SHA-256."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
 
 
 def _fsync_dir(path: str) -> None:
@@ -87,17 +94,23 @@ def save(run_dir: str, step: int, model: torch.nn.Module, optimizer: Any,
         os.makedirs(tmp)
     barrier()
     suffix = "" if world == 1 else f"_rank{rank:05d}"
-    weights = tensor_state(model)
-    save_file(weights, os.path.join(tmp, f"model{suffix}.safetensors"), metadata={"step": str(step)})
-    with open(os.path.join(tmp, f"model{suffix}.safetensors"), "rb+") as f:
-        os.fsync(f.fileno())
-    _fsync_write(os.path.join(tmp, f"optimizer{suffix}.pt"), _torch_bytes(optimizer.state_dict()))
-    train_state = {"step": step, "loader": loader_state, "rng": rng_state(),
-                   "world": world}
-    _fsync_write(os.path.join(tmp, f"train_state{suffix}.pt"), _torch_bytes(train_state))
+    train_state = {"step": step, "loader": loader_state, "rng": rng_state(), "world": world}
+    files = {
+        f"model{suffix}.safetensors": save_safetensors(tensor_state(model), metadata={"step": str(step)}),
+        f"optimizer{suffix}.pt": _torch_bytes(optimizer.state_dict()),
+        f"train_state{suffix}.pt": _torch_bytes(train_state),
+    }
+    if rank == 0:
+        files["config.yaml"] = config_yaml.encode()
+    digests = {name: _fsync_write(os.path.join(tmp, name), data) for name, data in files.items()}
+    _fsync_write(os.path.join(tmp, f".manifest{suffix}.json"), json.dumps(digests).encode())
     barrier()
     if rank == 0:
-        _fsync_write(os.path.join(tmp, "config.yaml"), config_yaml.encode())
+        manifest: dict[str, str] = {}
+        for part in sorted(n for n in os.listdir(tmp) if n.startswith(".manifest")):
+            with open(os.path.join(tmp, part)) as f:
+                manifest.update(json.load(f))
+        _fsync_write(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
         _fsync_dir(tmp)
         if os.path.exists(final):  # an earlier save of this step that never completed
             shutil.rmtree(final)
@@ -129,15 +142,46 @@ def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def verify(path: str) -> list[str]:
+    """Files of checkpoint `path` that are missing or whose SHA-256 differs from its manifest."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return [os.path.join(path, MANIFEST)]
+    bad = []
+    for name, digest in manifest.items():
+        file = os.path.join(path, name)
+        try:
+            with open(file, "rb") as f:
+                ok = hashlib.file_digest(f, "sha256").hexdigest() == digest
+        except OSError:
+            ok = False
+        if not ok:
+            bad.append(file)
+    return bad
+
+
 def find_resume_path(run_dir: str, resume: str) -> str | None:
-    """Folder to resume from for `checkpoint.resume` (auto / never / a path), or None to start fresh."""
+    """Folder to resume from for `checkpoint.resume` (auto / never / a path), or None to start fresh.
+
+    `auto` takes the newest complete checkpoint whose files match its manifest, reporting and
+    skipping corrupted ones; an explicit path must be complete and intact."""
     if resume == "never":
         return None
     if resume == "auto":
-        found = complete_checkpoints(run_dir)
-        return found[-1][1] if found else None
+        for _, path in reversed(complete_checkpoints(run_dir)):
+            bad = verify(path)
+            if not bad:
+                return path
+            log.error("checkpoint %s is corrupted (manifest mismatch: %s); falling back to an older one",
+                      path, ", ".join(bad))
+        return None
     if not is_complete(resume):
         raise ValueError(f"checkpoint.resume: '{resume}' is not a complete checkpoint (no {MARKER} marker)")
+    bad = verify(resume)
+    if bad:
+        raise ValueError(f"checkpoint.resume: '{resume}' is corrupted: {', '.join(bad)} do not match {MANIFEST}")
     return resume
 
 

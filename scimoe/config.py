@@ -159,6 +159,8 @@ class TrainConfig:
     deterministic: bool = True
     """Use torch's deterministic kernels (warn-only where none exists). Needed for bit-exact resume: with
     2 CPU threads the default gather/scatter backward kernels differ run to run in the last bit."""
+    max_minutes: float = 0.0
+    """Save and exit cleanly once this much wall time has passed (0 = no limit); SIGTERM/SIGUSR1 do the same."""
     exit_after_steps: int = 0
     """Save and exit after this many steps in this process (Megatron's exit-interval, for job chains); 0 = off."""
     max_skipped_in_a_row: int = 10
@@ -176,6 +178,7 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _require(self.exit_after_steps >= 0, "train.exit_after_steps", "must be >= 0")
+        _require(self.max_minutes >= 0, "train.max_minutes", "must be >= 0")
         _require(self.max_skipped_in_a_row >= 1, "train.max_skipped_in_a_row", "must be >= 1")
 
 

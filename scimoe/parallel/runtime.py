@@ -80,6 +80,10 @@ class Runtime:
     def barrier(self) -> None:
         pass
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is set on any rank of the job."""
+        return flag
+
 
 def _all_reduced(t: torch.Tensor, group) -> torch.Tensor:
     """Sum of `t` over `group`, on t's device (moved through the GPU when the backend is NCCL)."""
@@ -271,6 +275,9 @@ class DistributedRuntime(Runtime):
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        return bool(_all_reduced(torch.tensor(int(flag)), dist.group.WORLD))
 
 
 def make_runtime(dims: ParallelDims, groups: Groups, pp_layers: list[int] | None = None,

@@ -25,6 +25,7 @@ from scimoe.parallel.state import dims_from_env, gather_coordinates, init_proces
 from scimoe.train import checkpoint
 from scimoe.train.metrics import make_logger, moe_health
 from scimoe.train.optim import build_optimizer, lr_at
+from scimoe.train.signals import StopRequest
 from scimoe.train.step import train_step
 
 log = logging.getLogger("scimoe")
@@ -93,6 +94,7 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
 
     records: list[dict] = []
     skipped_in_a_row = 0
+    stop = StopRequest(cfg.train.max_minutes)
     try:
         for step in range(start, cfg.train.steps):
             began = time.perf_counter()
@@ -119,7 +121,8 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
                                    f"(train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}); stopping. "
                                    f"The last complete checkpoint is kept in {checkpoint.checkpoint_root(run_dir)}")
             last = step + 1 == cfg.train.steps
-            leaving = cfg.train.exit_after_steps and step + 1 - start >= cfg.train.exit_after_steps
+            stopping = stop.should_stop(runtime.any_rank)
+            leaving = stopping or (cfg.train.exit_after_steps and step + 1 - start >= cfg.train.exit_after_steps)
             if last or leaving or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
                 path = checkpoint.save(run_dir, step + 1, model, optimizer, loader.state_dict(),
                                        config_yaml, dims.rank, dims.world_size, runtime.barrier)
@@ -127,9 +130,12 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
                     checkpoint.prune(run_dir, cfg.checkpoint.keep_last)
                     log.info("saved %s", path)
             if leaving and not last:
-                log.info("train.exit_after_steps=%d reached at step %d: exiting", cfg.train.exit_after_steps, step + 1)
+                why = f"stop requested ({stop.reason or 'another rank'})" if stopping else \
+                    f"train.exit_after_steps={cfg.train.exit_after_steps} reached"
+                log.info("%s at step %d: checkpoint saved, exiting", why, step + 1)
                 break
     finally:
+        stop.close()
         logger.close()
     final = runtime.full_state_dict(model) if gather_final_weights else None
     state_numel = sum(t.numel() for opt in optimizer.state_dict()["optimizers"] for st in opt["state"].values()

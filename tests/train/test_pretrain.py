@@ -102,3 +102,10 @@ def test_wandb_offline_logger_writes_a_run_and_metrics(tmp_path, monkeypatch):
     runs = os.listdir(tmp_path / "run" / "wandb")
     assert any(name.startswith("offline-run-") for name in runs)
     assert len(_losses(tmp_path / "run")) == 2
+
+
+def test_time_budget_saves_and_stops_cleanly(tmp_path):
+    c = tiny_config(steps=50, max_minutes=1e-9)  # spent after the first step
+    records = pretrain(c, str(tmp_path)).records
+    assert len(records) == 1
+    assert [s for s, _ in checkpoint.complete_checkpoints(str(tmp_path))] == [1]

@@ -243,6 +243,9 @@ class CheckpointConfig:
     """`auto` (newest complete checkpoint in the run folder, else start fresh), `never`, or a path."""
     keep_last: int = 0
     """Keep only the newest N complete checkpoints; 0 keeps all."""
+    init_weights: str = ""
+    """Start a fresh run (step 0, new optimizer) from the weights of this checkpoint folder, saved in any
+    layout or made by `scimoe-import`; ignored when `resume` finds a checkpoint to continue."""
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "checkpoint.every", "must be >= 0")

@@ -77,6 +77,15 @@ class Runtime:
     def full_state_dict(self, model: MoETransformer) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
+    def shard_layout(self, model: MoETransformer) -> dict[str, tuple[int, int, int]]:
+        """{state-dict name: (dim, index, parts)} for every tensor this rank holds only a slice of:
+        slice `index` of `parts` equal slices along `dim` of the single-process tensor."""
+        return {}
+
+    def all_gather_object(self, obj) -> list:
+        """`obj` from every rank of the job, in rank order."""
+        return [obj]
+
     def barrier(self) -> None:
         pass
 
@@ -226,6 +235,12 @@ class DistributedRuntime(Runtime):
             _all_reduce_grads(dense, self.groups.dp)
         if experts and self.dims.expert_dp > 1:
             _all_reduce_grads(experts, self.groups.expert_dp)
+        if self.dims.pp > 1:
+            # Each stage's dp sum ran over a different flat buffer and may round the FoPE grads differently;
+            # stage 0's copy keeps every stage's tables bit-identical (a checkpoint stores one copy).
+            for p in model.rotary.parameters():
+                if p.grad is not None:
+                    dist.broadcast(p.grad, group=self.groups.pp, group_src=0)
 
     def clip_grad_norm(self, model: MoETransformer, max_norm: float) -> float:
         """‖g‖ over the whole model, every element counted once: replicated grads are identical on all
@@ -272,6 +287,22 @@ class DistributedRuntime(Runtime):
             dist.all_gather_object(stages, state, group=self.groups.pp)
             state = {k: v for stage_state in stages for k, v in stage_state.items()}
         return state
+
+    def shard_layout(self, model: MoETransformer) -> dict[str, tuple[int, int, int]]:
+        """TP shards (megatron's `partition_dim`) are slice tp_rank of tp; expert weights slice ep_rank of
+        ep along the expert axis. Pipeline stages keep the single-process names, so need no entry."""
+        layout = {name: (p.partition_dim, self.groups.tp_rank, self.dims.tp)
+                  for name, p in model.named_parameters() if is_tensor_parallel(p)}
+        if self.dims.ep > 1:
+            experts = {id(p) for p in expert_parameters(model)}
+            layout.update({name: (0, self.groups.ep_rank, self.dims.ep)
+                           for name, p in model.named_parameters() if id(p) in experts})
+        return layout
+
+    def all_gather_object(self, obj) -> list:
+        out: list = [None] * self.dims.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def barrier(self) -> None:
         dist.barrier()

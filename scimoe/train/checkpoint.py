@@ -1,11 +1,12 @@
 """Checkpoints: `DIR/checkpoints/step_{N:08d}/` with a completion marker written last.
 
-Tested by `python -m pytest tests/train/test_pretrain.py tests/distributed`. A checkpoint is written into
-a hidden temporary folder, every file fsynced, the folder renamed into place, and only then is the
-`COMPLETE` marker created (temp file, fsync, rename). `resume=auto` loads the newest folder that has
-the marker, so a save cut short is never loaded. With several ranks each writes its own files
-(`*_rank00003.*`) between barriers and rank 0 renames and marks; such a checkpoint resumes into the
-same layout (changing layouts is the checkpoint issue's work).
+Tested by `python -m pytest tests/train/test_checkpoint.py tests/distributed`. A checkpoint is written
+into a hidden temporary folder, every file fsynced, the folder renamed into place, and only then is the
+`COMPLETE` marker created (temp file, fsync, rename). `resume=auto` loads the newest folder that has the
+marker and matches its SHA-256 `MANIFEST.json`, so a save cut short or a corrupted file is never loaded.
+Each rank writes `model_rankR.safetensors` / `optimizer_rankR.safetensors` holding the slices it owns,
+tagged with their place in the single-process tensors (scimoe/train/shards.py), so a checkpoint loads
+into any layout: tp, pp, ep, dp and ZeRO sharding may all change between save and resume.
 """
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as save_safetensors
 
-FORMAT_VERSION = 1
+from scimoe.parallel.runtime import Runtime
+from scimoe.train import shards
+
+FORMAT_VERSION = 2
 MARKER = "COMPLETE"
 MANIFEST = "MANIFEST.json"
 log = logging.getLogger("scimoe")
@@ -77,14 +79,39 @@ def tensor_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
-def _noop() -> None:
-    pass
+def _entries(model: torch.nn.Module, optimizer: Any, layout: dict) -> tuple[dict, dict]:
+    """This rank's model and optimizer entries {key: (name, tensor, placement)}."""
+    model_entries = {}
+    for name, t in tensor_state(model).items():
+        where = shards.placement(t, layout.get(name))
+        model_entries[shards.entry_key(name, where)] = (name, t, where)
+    names = {id(p): n for n, p in model.named_parameters()}
+    optim_entries = {}
+    for param, state in (optimizer.parameter_states() if optimizer is not None else []):
+        pname = names[id(param)]
+        for field, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                continue
+            name = f"{pname}::{field}"
+            where = shards.placement(t, layout.get(pname) if t.shape == param.shape else None)
+            optim_entries[shards.entry_key(name, where)] = (name, t, where)
+    return model_entries, optim_entries
 
 
-def save(run_dir: str, step: int, model: torch.nn.Module, optimizer: Any,
-         loader_state: dict, config_yaml: str, rank: int = 0, world: int = 1,
-         barrier: Callable[[], None] = _noop) -> str:
+def save(run_dir: str, step: int, model: torch.nn.Module, optimizer: Any, loader_state: dict,
+         config_yaml: str, runtime: Any = None, rank: int = 0, world: int = 1) -> str:
     """Write checkpoint `step` atomically (every rank calls this) and return its folder."""
+    runtime = runtime or Runtime()
+    model_entries, optim_entries = _entries(model, optimizer, runtime.shard_layout(model))
+    train_state = {"step": step, "loader": loader_state, "rng": rng_state(), "world": world}
+    return write(run_dir, step, model_entries, optim_entries, train_state, config_yaml, runtime, rank, world)
+
+
+def write(run_dir: str, step: int, model_entries: dict, optim_entries: dict | None, train_state: dict | None,
+          config_yaml: str, runtime: Any = None, rank: int = 0, world: int = 1) -> str:
+    """The atomic save protocol for entries {key: (name, tensor, placement)}. `optim_entries=None` and
+    `train_state=None` make a weights-only checkpoint (what `scimoe-import` writes)."""
+    runtime = runtime or Runtime()
     final = step_dir(run_dir, step)
     root = checkpoint_root(run_dir)
     tmp = os.path.join(root, f".step_{step:08d}.tmp")
@@ -92,24 +119,28 @@ def save(run_dir: str, step: int, model: torch.nn.Module, optimizer: Any,
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    barrier()
-    suffix = "" if world == 1 else f"_rank{rank:05d}"
-    train_state = {"step": step, "loader": loader_state, "rng": rng_state(), "world": world}
-    files = {
-        f"model{suffix}.safetensors": save_safetensors(tensor_state(model), metadata={"step": str(step)}),
-        f"optimizer{suffix}.pt": _torch_bytes(optimizer.state_dict()),
-        f"train_state{suffix}.pt": _torch_bytes(train_state),
-    }
+    everyone = runtime.all_gather_object((sorted(model_entries), sorted(optim_entries or {})))  # also a barrier
+    model_writer = shards.choose_writers([m for m, _ in everyone])
+    optim_writer = shards.choose_writers([o for _, o in everyone])
+    suffix = f"_rank{rank:05d}"
+    files = {f"model{suffix}.safetensors": shards.encode(
+        {k: v for k, v in model_entries.items() if model_writer[k] == rank})}
+    if optim_entries is not None:
+        files[f"optimizer{suffix}.safetensors"] = shards.encode(
+            {k: v for k, v in optim_entries.items() if optim_writer[k] == rank})
+    if train_state is not None:
+        files[f"train_state{suffix}.pt"] = _torch_bytes(train_state)
     if rank == 0:
         files["config.yaml"] = config_yaml.encode()
     digests = {name: _fsync_write(os.path.join(tmp, name), data) for name, data in files.items()}
     _fsync_write(os.path.join(tmp, f".manifest{suffix}.json"), json.dumps(digests).encode())
-    barrier()
+    runtime.barrier()
     if rank == 0:
         manifest: dict[str, str] = {}
         for part in sorted(n for n in os.listdir(tmp) if n.startswith(".manifest")):
             with open(os.path.join(tmp, part)) as f:
                 manifest.update(json.load(f))
+            os.remove(os.path.join(tmp, part))
         _fsync_write(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
         _fsync_dir(tmp)
         if os.path.exists(final):  # an earlier save of this step that never completed
@@ -117,11 +148,12 @@ def save(run_dir: str, step: int, model: torch.nn.Module, optimizer: Any,
         os.rename(tmp, final)
         _fsync_dir(root)
         marker_tmp = os.path.join(final, f".{MARKER}.tmp")
-        marker = {"step": step, "format_version": FORMAT_VERSION, "world": world}
+        marker = {"step": step, "format_version": FORMAT_VERSION, "world": world,
+                  "weights_only": train_state is None}
         _fsync_write(marker_tmp, json.dumps(marker).encode())
         os.rename(marker_tmp, os.path.join(final, MARKER))
         _fsync_dir(final)
-    barrier()
+    runtime.barrier()
     return final
 
 
@@ -162,7 +194,7 @@ def verify(path: str) -> list[str]:
     return bad
 
 
-def find_resume_path(run_dir: str, resume: str) -> str | None:
+def find_resume_path(run_dir: str, resume: str, key: str = "checkpoint.resume") -> str | None:
     """Folder to resume from for `checkpoint.resume` (auto / never / a path), or None to start fresh.
 
     `auto` takes the newest complete checkpoint whose files match its manifest, reporting and
@@ -178,31 +210,77 @@ def find_resume_path(run_dir: str, resume: str) -> str | None:
                       path, ", ".join(bad))
         return None
     if not is_complete(resume):
-        raise ValueError(f"checkpoint.resume: '{resume}' is not a complete checkpoint (no {MARKER} marker)")
+        raise ValueError(f"{key}: '{resume}' is not a complete checkpoint (no {MARKER} marker)")
     bad = verify(resume)
     if bad:
-        raise ValueError(f"checkpoint.resume: '{resume}' is corrupted: {', '.join(bad)} do not match {MANIFEST}")
+        raise ValueError(f"{key}: '{resume}' is corrupted: {', '.join(bad)} do not match {MANIFEST}")
     return resume
 
 
-def load(path: str, model: torch.nn.Module, optimizer: Any, rank: int = 0, world: int = 1) -> dict:
-    """Restore model, optimizer and RNG from `path`; returns the train state (step, loader)."""
+def _marker(path: str) -> dict:
     with open(os.path.join(path, MARKER)) as f:
-        saved_world = json.load(f).get("world", 1)
-    if saved_world != world:
-        raise ValueError(f"checkpoint {path} was saved by {saved_world} ranks but this run has {world}; "
-                         "resuming into another layout is not supported yet")
-    suffix = "" if world == 1 else f"_rank{rank:05d}"
-    weights = load_file(os.path.join(path, f"model{suffix}.safetensors"))
-    expected = set(tensor_state(model))
-    missing, unexpected = expected - set(weights), set(weights) - expected
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        marker = json.load(f)
+    if marker.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} has format_version {marker.get('format_version')}; this scimoe "
+                         f"reads format_version {FORMAT_VERSION} only")
+    return marker
+
+
+def files(path: str, kind: str) -> list[str]:
+    """Every rank's `kind` (model / optimizer) file of checkpoint `path`."""
+    return sorted(os.path.join(path, n) for n in os.listdir(path) if n.startswith(f"{kind}_rank"))
+
+
+def load_weights(path: str, model: torch.nn.Module, runtime: Any = None) -> None:
+    """Load the model weights of checkpoint `path`, saved in any layout, into this rank's slices."""
+    _marker(path)
+    index = shards.ShardIndex(files(path, "model"))
+    _load_model(index, model, (runtime or Runtime()).shard_layout(model), path)
+
+
+def _load_model(index: shards.ShardIndex, model: torch.nn.Module, layout: dict, path: str) -> None:
+    local = tensor_state(model)
+    missing = sorted(name for name in local if name not in index)
+    if missing:
+        raise ValueError(f"checkpoint {path} does not fit the model: it lacks {missing[:5]}"
+                         f"{' and more' if len(missing) > 5 else ''}")
+    weights = {name: index.read(name, shards.placement(t, layout.get(name)), tuple(t.shape))
+               for name, t in local.items()}
     model.load_state_dict(weights, strict=False)  # non-tensor entries (megatron's _extra_state) stay
-    optimizer.load_state_dict(torch.load(os.path.join(path, f"optimizer{suffix}.pt"), weights_only=False))
-    state = torch.load(os.path.join(path, f"train_state{suffix}.pt"), weights_only=False)
-    set_rng_state(state["rng"])
+
+
+def load(path: str, model: torch.nn.Module, optimizer: Any, runtime: Any = None, rank: int = 0,
+         world: int = 1) -> dict:
+    """Restore model, optimizer and RNG from `path`, saved in this or any other layout; returns the
+    train state (step, loader). RNG streams are per rank: restored when the world size is unchanged."""
+    runtime = runtime or Runtime()
+    marker = _marker(path)
+    if marker.get("weights_only"):
+        raise ValueError(f"checkpoint {path} holds weights only (an import): start from it with "
+                         "checkpoint.init_weights=PATH, not checkpoint.resume")
+    layout = runtime.shard_layout(model)
+    _load_model(shards.ShardIndex(files(path, "model")), model, layout, path)
+    index = shards.ShardIndex(files(path, "optimizer"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for param in optimizer.owned_parameters():
+        name = names[id(param)]
+        fields = [f for f in ("step", "exp_avg", "exp_avg_sq") if f"{name}::{f}" in index]
+        if not fields:
+            continue  # saved before this parameter's first update
+        state = {}
+        for field in fields:
+            shape = tuple(param.shape) if field != "step" else ()
+            where = shards.placement(param.detach(), layout.get(name)) if field != "step" else shards.placement(torch.zeros(()), None)
+            state[field] = index.read(f"{name}::{field}", where, shape).to(param.device if field != "step" else "cpu")
+        optimizer.set_parameter_state(param, state)
+    same_world = marker.get("world", 1) == world
+    own = os.path.join(path, f"train_state_rank{rank if same_world else 0:05d}.pt")
+    state = torch.load(own, weights_only=False)
+    if same_world:
+        set_rng_state(state["rng"])
+    elif rank == 0:
+        log.info("checkpoint %s was saved by %d ranks, this run has %d: weights, optimizer state and data "
+                 "position carry over; per-rank RNG streams restart from rank 0's", path, marker["world"], world)
     return state
 
 

@@ -53,6 +53,26 @@ class OptimizerSet:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
+    def local_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The AdamW instances stepping this rank's parameters (ZeRO's inner one when sharded)."""
+        return [getattr(opt, "optim", opt) for opt in self.optimizers]
+
+    def owned_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose optimizer state lives on this rank."""
+        return [p for opt in self.local_optimizers() for g in opt.param_groups for p in g["params"]]
+
+    def parameter_states(self) -> list[tuple[nn.Parameter, dict[str, torch.Tensor]]]:
+        """(parameter, its AdamW state: step, exp_avg, exp_avg_sq) for every owned parameter with state."""
+        return [(p, opt.state[p]) for opt in self.local_optimizers() for g in opt.param_groups
+                for p in g["params"] if opt.state.get(p)]
+
+    def set_parameter_state(self, param: nn.Parameter, state: dict[str, torch.Tensor]) -> None:
+        for opt in self.local_optimizers():
+            if any(param is p for g in opt.param_groups for p in g["params"]):
+                opt.state[param] = state
+                return
+        raise KeyError("parameter is not stepped by this rank's optimizer")
+
     def state_dict(self) -> dict:
         """This rank's optimizer state (its ZeRO shard when sharded)."""
         return {"optimizers": [getattr(opt, "optim", opt).state_dict() for opt in self.optimizers]}

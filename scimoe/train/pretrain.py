@@ -86,10 +86,14 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
     start = 0
     resume_path = checkpoint.find_resume_path(run_dir, cfg.checkpoint.resume)
     if resume_path:
-        state = checkpoint.load(resume_path, model, optimizer, dims.rank, dims.world_size)
+        state = checkpoint.load(resume_path, model, optimizer, runtime, dims.rank, dims.world_size)
         loader.load_state_dict(state["loader"])
         start = state["step"]
         log.info("resumed from %s (step %d)", resume_path, start)
+    elif cfg.checkpoint.init_weights:
+        source = checkpoint.find_resume_path(run_dir, cfg.checkpoint.init_weights, "checkpoint.init_weights")
+        checkpoint.load_weights(source, model, runtime)
+        log.info("initial weights from %s", cfg.checkpoint.init_weights)
     logger = make_logger(cfg.logger, run_dir, dims.rank == 0, dataclasses.asdict(cfg), resume_step=start)
 
     records: list[dict] = []
@@ -125,7 +129,7 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
             leaving = stopping or (cfg.train.exit_after_steps and step + 1 - start >= cfg.train.exit_after_steps)
             if last or leaving or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
                 path = checkpoint.save(run_dir, step + 1, model, optimizer, loader.state_dict(),
-                                       config_yaml, dims.rank, dims.world_size, runtime.barrier)
+                                       config_yaml, runtime, dims.rank, dims.world_size)
                 if dims.rank == 0:
                     checkpoint.prune(run_dir, cfg.checkpoint.keep_last)
                     log.info("saved %s", path)

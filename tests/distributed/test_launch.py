@@ -43,12 +43,14 @@ def test_expert_parallel_launch_writes_one_run_and_resumes(tmp_path):
     assert steps == [1, 2, 3, 4, 5]  # one writer, resumed from step 3
 
 
-def test_resuming_with_another_world_size_is_refused_by_name(tmp_path):
-    first = torchrun(2, tmp_path, "train.steps=1", "hydra.run.dir=run")
+def test_a_two_rank_checkpoint_resumes_in_one_process_from_the_command_line(tmp_path):
+    first = torchrun(2, tmp_path, "parallel.ep=2", "train.steps=1", "hydra.run.dir=run")
     assert first.returncode == 0, first.stderr[-4000:]
     single = subprocess.run([sys.executable, "-m", "scimoe.train", "data=synthetic", "data.synthetic_rows=32",
-                             "train.seq_len=32", "train.global_batch=4", "train.micro_batch=1", "train.steps=2",
+                             "train.seq_len=32", "train.global_batch=4", "train.micro_batch=2", "train.steps=2",
                              "hydra.run.dir=run"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, PYTHONPATH=REPO))
-    assert single.returncode != 0
-    assert "saved by 2 ranks" in single.stderr
+    assert single.returncode == 0, single.stderr[-4000:]
+    assert "saved by 2 ranks, this run has 1" in single.stdout + single.stderr
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

@@ -1,8 +1,12 @@
-"""Every expert/data-parallel layout reproduces the single-process run (gloo, CPU):
-`python -m pytest tests/distributed -m distributed`.
+"""Every layout reproduces the single-process run, and checkpoints resume exactly into the same layout
+and into other ones (gloo, CPU): `python -m pytest tests/distributed -m distributed`.
 
 The reference runs in this process; each world size is one torchrun launch running all its layouts
-(tests/distributed/worker.py), from the same saved initial weights, on the same global batches.
+(tests/distributed/worker.py), from the same saved initial weights, on the same global batches. Some
+layouts save at step RESUME_AT; layouts named `*_from_X` resume X's checkpoint in another layout (and
+world size, for the single-process resumes run here), `*_resumed` resume their own layout. A resumed run
+must log the reference's losses (bit-identical to its source when the layout is the same) and end with
+the reference's weights and AdamW moments: losing the optimizer state on a layout change shows there.
 """
 from __future__ import annotations
 
@@ -16,12 +20,15 @@ import torch
 from safetensors.torch import save_file
 
 from scimoe.model import build_model
+from scimoe.train import checkpoint
 from scimoe.train.pretrain import pretrain
+from scimoe.train.shards import ShardIndex
 from tests.distributed.parity_config import GLOBAL_BATCH, STEPS, parity_config
 
 WORKER = os.path.join(os.path.dirname(__file__), "worker.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = 1e-5
+RESUME_AT = 5
 
 pytestmark = pytest.mark.distributed
 
@@ -52,6 +59,7 @@ def reference(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in run.final_weights.items()}, str(tmp / "final.safetensors"))
     assert any(r["grad_norm"] > cfg.train.grad_clip for r in run.records), "clipping should be exercised"
     return {"reference": str(tmp / "reference.json"), "initial_weights": str(tmp / "initial.safetensors"),
+            "losses": [r["loss"] for r in run.records],
             "final_weights": str(tmp / "final.safetensors"), "workdir": str(tmp)}
 
 
@@ -64,16 +72,65 @@ def _assert_parity(results: dict, names: list[str]) -> None:
         assert r["weight_rel"] < TOL, (name, r)
 
 
+def final_checkpoint(workdir: str, name: str) -> str:
+    return checkpoint.step_dir(os.path.join(workdir, name), STEPS)
+
+
+def checkpoint_deviation(path: str, reference_path: str) -> dict[str, float]:
+    """‖a − b‖/‖b‖ of every model and optimizer tensor, each assembled whole from its layout's pieces."""
+    out = {}
+    for kind in ("model", "optimizer"):
+        got, want = ShardIndex(checkpoint.files(path, kind)), ShardIndex(checkpoint.files(reference_path, kind))
+        assert got.names() == want.names(), (kind, set(got.names()) ^ set(want.names()))
+        for name in want.names():
+            a, b = got.full(name).double(), want.full(name).double()
+            out[f"{kind}:{name}"] = float((a - b).norm() / (b.norm() + 1e-12))
+    return out
+
+
+def _assert_resumed(results: dict, reference: dict, name: str, source: str | None = None) -> None:
+    """`name` resumed at RESUME_AT: same losses as the reference (bitwise as `source` if given), same
+    final weights and optimizer moments."""
+    r = results[name]
+    assert len(r["losses"]) == STEPS - RESUME_AT, r
+    if source:
+        assert r["losses"] == results[source]["losses"][RESUME_AT:], (name, r["losses"])
+    deviation = checkpoint_deviation(final_checkpoint(reference["workdir"], name),
+                                     final_checkpoint(reference["workdir"], "single"))
+    worst = max(deviation, key=deviation.get)
+    assert deviation[worst] < 1e-4, (name, worst, deviation[worst])
+
+
+def _resume_in_this_process(reference: dict, source: str) -> None:
+    """Resume `source`'s multi-rank checkpoint in one process: the world size changes too."""
+    cfg = parity_config(micro_batch=GLOBAL_BATCH // 2)
+    cfg.checkpoint.resume = checkpoint.step_dir(os.path.join(reference["workdir"], source), RESUME_AT)
+    name = f"single_from_{source}"
+    run = pretrain(cfg, os.path.join(reference["workdir"], name))
+    losses = [r["loss"] for r in run.records]
+    assert len(losses) == STEPS - RESUME_AT
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, reference["losses"][RESUME_AT:])) < TOL, losses
+    _assert_resumed({name: {"losses": losses}}, reference, name)
+
+
 def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference, tmp_path):
     layouts = [{"name": "ep2", "ep": 2, "micro_batch": GLOBAL_BATCH // 4},
-               {"name": "dp2", "ep": 1, "micro_batch": GLOBAL_BATCH // 4},
-               {"name": "tp2", "tp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
+               {"name": "dp2", "ep": 1, "micro_batch": GLOBAL_BATCH // 4, "save_every": RESUME_AT},
+               {"name": "tp2", "tp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2, "save_every": RESUME_AT},
                {"name": "dp2_zero0", "ep": 1, "zero": 0, "micro_batch": GLOBAL_BATCH // 4},
-               {"name": "pp2", "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
+               {"name": "pp2", "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2, "save_every": RESUME_AT},
                {"name": "pp2_interleaved", "pp": 2, "pp_virtual": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
-               {"name": "tp2_sp", "tp": 2, "sp": True, "ep": 1, "micro_batch": GLOBAL_BATCH // 2}]
+               {"name": "tp2_sp", "tp": 2, "sp": True, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
+               {"name": "dp2_from_tp2", "ep": 1, "micro_batch": GLOBAL_BATCH // 4, "resume_from": "tp2",
+                "resume_step": RESUME_AT},
+               {"name": "ep2_from_pp2", "ep": 2, "micro_batch": GLOBAL_BATCH // 4, "resume_from": "pp2",
+                "resume_step": RESUME_AT}]
     out = launch(2, {"parity": dict(reference, layouts=layouts), "dispatch": True, "grad_norm": True}, tmp_path)
-    _assert_parity(out["parity"], ["ep2", "dp2", "tp2", "dp2_zero0", "pp2", "pp2_interleaved", "tp2_sp"])
+    _assert_parity(out["parity"], ["ep2", "dp2", "tp2", "dp2_zero0", "pp2", "pp2_interleaved", "tp2_sp",
+                                   "dp2_from_tp2", "ep2_from_pp2"])
+    _assert_resumed(out["parity"], reference, "dp2_from_tp2")  # tp2 → tp1
+    _assert_resumed(out["parity"], reference, "ep2_from_pp2")  # pp2 → pp1 (and ep1 → ep2)
+    _resume_in_this_process(reference, "dp2")  # dp2 → dp1, two ranks → one
     # ZeRO-1 (the default) holds about half the AdamW state per rank at dp2; zero=0 holds all of it.
     assert 0.3 < out["parity"]["dp2"]["optimizer_state_share"] < 0.7
     assert out["parity"]["dp2_zero0"]["optimizer_state_share"] == 1.0
@@ -92,17 +149,28 @@ def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference
 
 
 def test_four_rank_layouts_match_single_process(reference, tmp_path):
-    layouts = [{"name": "ep4", "ep": 4, "micro_batch": GLOBAL_BATCH // 8},
-               {"name": "ep2xdp2", "ep": 2, "micro_batch": GLOBAL_BATCH // 8},
+    layouts = [{"name": "ep4", "ep": 4, "micro_batch": GLOBAL_BATCH // 8, "save_every": RESUME_AT},
+               {"name": "ep2xdp2", "ep": 2, "micro_batch": GLOBAL_BATCH // 8, "save_every": RESUME_AT},
                {"name": "dp4", "ep": 1, "micro_batch": GLOBAL_BATCH // 8},
                {"name": "tp2xdp2", "tp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 4},
                {"name": "pp2xdp2", "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 4},
                {"name": "pp2xep2", "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4},
                {"name": "tp2xpp2", "tp": 2, "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
-               {"name": "tp2xep2", "tp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4},
-               {"name": "tp2xep2_sp", "tp": 2, "ep": 2, "sp": True, "micro_batch": GLOBAL_BATCH // 4}]
+               {"name": "tp2xep2", "tp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4, "save_every": RESUME_AT},
+               {"name": "tp2xep2_sp", "tp": 2, "ep": 2, "sp": True, "micro_batch": GLOBAL_BATCH // 4},
+               {"name": "ep4_from_ep2xdp2", "ep": 4, "micro_batch": GLOBAL_BATCH // 8, "resume_from": "ep2xdp2",
+                "resume_step": RESUME_AT},
+               {"name": "dp4_from_ep4", "ep": 1, "micro_batch": GLOBAL_BATCH // 8, "resume_from": "ep4",
+                "resume_step": RESUME_AT},
+               {"name": "tp2xep2_resumed", "tp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4,
+                "resume_from": "tp2xep2", "resume_step": RESUME_AT}]
     out = launch(4, {"parity": dict(reference, layouts=layouts), "dispatch": True}, tmp_path)
-    _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4", "tp2xdp2", "pp2xdp2", "pp2xep2", "tp2xpp2", "tp2xep2", "tp2xep2_sp"])
+    _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4", "tp2xdp2", "pp2xdp2", "pp2xep2", "tp2xpp2", "tp2xep2",
+                                   "tp2xep2_sp", "ep4_from_ep2xdp2", "dp4_from_ep4", "tp2xep2_resumed"])
+    _assert_resumed(out["parity"], reference, "ep4_from_ep2xdp2")  # ep2 → ep4 (dp2 → dp1)
+    _assert_resumed(out["parity"], reference, "dp4_from_ep4")  # ep4 → ep1
+    _assert_resumed(out["parity"], reference, "tp2xep2_resumed", source="tp2xep2")  # 2-D, same layout: bitwise
+    _resume_in_this_process(reference, "ep4")  # ep4 → one process
     assert 0.15 < out["parity"]["dp4"]["optimizer_state_share"] < 0.35
     for rank in ("rank1", "rank2", "rank3"):
         assert out["dispatch"][rank]["all_on_rank0"]["received"] == 0
@@ -112,7 +180,14 @@ def test_four_rank_layouts_match_single_process(reference, tmp_path):
 
 
 def test_eight_rank_three_dimensional_layouts_match_single_process(reference, tmp_path):
-    layouts = [{"name": "pp2xep2xdp2", "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 8},  # dp 4
-               {"name": "tp2xpp2xep2", "tp": 2, "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4}]  # dp 2
+    layouts = [{"name": "pp2xep2xdp2", "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 8,  # dp 4
+                "save_every": RESUME_AT},
+               {"name": "tp2xpp2xep2", "tp": 2, "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4},  # dp 2
+               {"name": "pp2xep2xdp2_resumed", "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 8,
+                "resume_from": "pp2xep2xdp2", "resume_step": RESUME_AT},
+               {"name": "tp2xpp2xep2_from_pp2xep2xdp2", "tp": 2, "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4,
+                "resume_from": "pp2xep2xdp2", "resume_step": RESUME_AT}]
     out = launch(8, {"parity": dict(reference, layouts=layouts)}, tmp_path)
-    _assert_parity(out["parity"], ["pp2xep2xdp2", "tp2xpp2xep2"])
+    _assert_parity(out["parity"], ["pp2xep2xdp2", "tp2xpp2xep2", "pp2xep2xdp2_resumed", "tp2xpp2xep2_from_pp2xep2xdp2"])
+    _assert_resumed(out["parity"], reference, "pp2xep2xdp2_resumed", source="pp2xep2xdp2")  # 3-D: bitwise
+    _assert_resumed(out["parity"], reference, "tp2xpp2xep2_from_pp2xep2xdp2")  # tp1→2, dp4→2: a 3-D change

@@ -4,7 +4,7 @@
 One launch runs every check the spec lists (process start-up with megatron imports costs seconds per
 rank, so layouts are grouped): `parity` trains each layout from the same initial weights on the same
 global batches and records per-step loss / grad norm and the gathered final weights' deviation from
-the single-process reference; `dispatch` and `grad_norm` exercise the expert-parallel dispatcher and
+the single-process reference (a layout with `resume_from` starts from another layout's checkpoint); `dispatch` and `grad_norm` exercise the expert-parallel dispatcher and
 the global gradient norm on hand-made cases. Rank 0 writes SPEC's `out` JSON; the test asserts.
 """
 from __future__ import annotations
@@ -45,6 +45,10 @@ def run_parity(spec: dict, rank: int, world: int) -> dict:
         cfg.parallel.zero = layout.get("zero", 1)
         cfg.parallel.pp_virtual = layout.get("pp_virtual", 1)
         cfg.parallel.sequence_parallel = layout.get("sp", False)
+        cfg.checkpoint.every = layout.get("save_every", 0)
+        first = layout.get("resume_step", 0)  # resume another layout's checkpoint at this step
+        if first:
+            cfg.checkpoint.resume = os.path.join(spec["workdir"], layout["resume_from"], "checkpoints", f"step_{first:08d}")
         dims = ParallelDims(world_size=world, rank=rank, ep=layout["ep"], tp=layout.get("tp", 1), pp=layout.get("pp", 1))
         # Balance terms are micro-batch statistics: the union over dp ranks of micro-batch m must be
         # the reference's micro-batch m, or the layouts compute different losses.
@@ -52,7 +56,7 @@ def run_parity(spec: dict, rank: int, world: int) -> dict:
         run = pretrain(cfg, os.path.join(spec["workdir"], layout["name"]), dims=dims, initial_state=initial,
                        gather_final_weights=True)
         got = [(r["loss"], r["grad_norm"]) for r in run.records]
-        want = list(zip(ref["losses"], ref["grad_norms"]))
+        want = list(zip(ref["losses"], ref["grad_norms"]))[first:]
         # ‖W − W_ref‖ / ‖W_ref‖ per tensor: elementwise maxima are dominated by the few entries whose
         # gradients are ~0, where Adam's normalised step turns 1e-7 rounding into a full-size update.
         deviations = {k: float((run.final_weights[k] - final_ref[k]).norm() / (final_ref[k].norm() + 1e-12))
@@ -62,7 +66,8 @@ def run_parity(spec: dict, rank: int, world: int) -> dict:
             "loss_rel": max(rel(g[0], w[0]) for g, w in zip(got, want)),
             "grad_norm_rel": max(rel(g[1], w[1]) for g, w in zip(got, want)),
             "grad_norm_rel_per_step": [rel(g[1], w[1]) for g, w in zip(got, want)],
-            "weight_rel": deviations[worst], "worst_weight": worst, "steps": len(got),
+            "weight_rel": deviations[worst], "worst_weight": worst, "steps": first + len(got),
+            "losses": [r["loss"] for r in run.records],
             "optimizer_state_share": run.optimizer_state_numel / ref_state_numel,
         }
     return results

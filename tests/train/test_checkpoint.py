@@ -24,14 +24,15 @@ def test_manifest_lists_every_file_with_its_sha256(run_with_two_checkpoints):
     path = checkpoint.step_dir(run_with_two_checkpoints, 4)
     with open(os.path.join(path, checkpoint.MANIFEST)) as f:
         manifest = json.load(f)
-    assert set(manifest) == {"model.safetensors", "optimizer.pt", "train_state.pt", "config.yaml"}
+    assert set(manifest) == {"model_rank00000.safetensors", "optimizer_rank00000.safetensors",
+                            "train_state_rank00000.pt", "config.yaml"}
     assert all(len(digest) == 64 for digest in manifest.values())
     assert checkpoint.verify(path) == []
 
 
 def test_flipped_bytes_are_reported_and_auto_resume_falls_back(run_with_two_checkpoints, caplog):
     run = run_with_two_checkpoints
-    shard = os.path.join(checkpoint.step_dir(run, 4), "optimizer.pt")
+    shard = os.path.join(checkpoint.step_dir(run, 4), "optimizer_rank00000.safetensors")
     with open(shard, "r+b") as f:
         f.seek(100)
         byte = f.read(1)
@@ -40,7 +41,7 @@ def test_flipped_bytes_are_reported_and_auto_resume_falls_back(run_with_two_chec
     with caplog.at_level(logging.ERROR, logger="scimoe"):
         assert checkpoint.find_resume_path(run, "auto") == checkpoint.step_dir(run, 2)
     assert shard in caplog.text
-    with pytest.raises(ValueError, match="optimizer.pt"):
+    with pytest.raises(ValueError, match="optimizer_rank00000"):
         checkpoint.find_resume_path(run, checkpoint.step_dir(run, 4))
     # Training resumes from step 2 and reaches step 4 again, logging each step once.
     pretrain(tiny_config(steps=4), run)

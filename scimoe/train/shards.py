@@ -1,0 +1,125 @@
+"""Layout-independent tensor files: every rank writes the slices it holds, tagged with where they sit in
+the single-process tensor, and any layout reads back exactly the slices it needs.
+
+Tested by `python -m pytest tests/train/test_shards.py tests/distributed/test_layout_change.py`.
+A file is a safetensors blob whose metadata maps each entry to (name, global shape, offsets). Replicas
+(dp copies, the FoPE tables on every pipeline stage) are written once, by the lowest rank holding them,
+so a checkpoint holds each element of each tensor exactly once whatever the layout. Reading assembles a
+requested slice from every piece that overlaps it, and fails by name if any element is missing.
+This is what megatron's `dist_checkpointing` and torch DCP do too; docs/design.md says why it is ours.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_safetensors
+
+METADATA_KEY = "scimoe_pieces"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a local tensor sits inside the single-process (global) tensor."""
+
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+
+def placement(local: torch.Tensor, shard: tuple[int, int, int] | None) -> Placement:
+    """Placement of `local`, which is slice `index` of `parts` equal slices along `dim` (or whole)."""
+    shape, offsets = list(local.shape), [0] * local.dim()
+    if shard is not None:
+        dim, index, parts = shard
+        offsets[dim] = index * shape[dim]
+        shape[dim] *= parts
+    return Placement(tuple(shape), tuple(offsets))
+
+
+def entry_key(name: str, where: Placement) -> str:
+    """Unique per slice: two ranks holding the same key hold replicas."""
+    return name if not any(where.offsets) else f"{name}@{','.join(map(str, where.offsets))}"
+
+
+def encode(entries: dict[str, tuple[str, torch.Tensor, Placement]]) -> bytes:
+    """One file's bytes: {key: (name, local tensor, placement)}."""
+    pieces = {key: {"name": name, "global_shape": list(where.global_shape), "offsets": list(where.offsets)}
+              for key, (name, _, where) in entries.items()}
+    tensors = {key: t.detach().contiguous().cpu() for key, (_, t, _) in entries.items()}
+    return save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(pieces)})
+
+
+def choose_writers(keys_per_rank: list[list[str]]) -> dict[str, int]:
+    """The rank that writes each key: the lowest one holding it."""
+    writer: dict[str, int] = {}
+    for rank, keys in enumerate(keys_per_rank):
+        for key in keys:
+            writer.setdefault(key, rank)
+    return writer
+
+
+@dataclass(frozen=True)
+class _Piece:
+    file: str
+    key: str
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
+class ShardIndex:
+    """Every piece of every tensor in a set of files written by `encode`."""
+
+    def __init__(self, files: list[str]) -> None:
+        self.pieces: dict[str, list[_Piece]] = {}
+        self.global_shapes: dict[str, tuple[int, ...]] = {}
+        self._handles: dict[str, object] = {}
+        for file in files:
+            handle = self._open(file)
+            meta = json.loads((handle.metadata() or {}).get(METADATA_KEY, "{}"))
+            for key, info in meta.items():
+                shape = tuple(handle.get_slice(key).get_shape())
+                self.pieces.setdefault(info["name"], []).append(_Piece(file, key, tuple(info["offsets"]), shape))
+                self.global_shapes[info["name"]] = tuple(info["global_shape"])
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.pieces
+
+    def names(self) -> list[str]:
+        return sorted(self.pieces)
+
+    def full(self, name: str) -> torch.Tensor:
+        shape = self.global_shapes.get(name, ())
+        return self.read(name, Placement(shape, (0,) * len(shape)), shape)
+
+    def read(self, name: str, where: Placement, shape: tuple[int, ...]) -> torch.Tensor:
+        """The slice of global tensor `name` at `where` with local `shape`, from every overlapping piece."""
+        if name not in self.pieces:
+            raise KeyError(f"checkpoint has no tensor '{name}'")
+        if tuple(where.global_shape) != self.global_shapes[name]:
+            raise ValueError(f"tensor '{name}' is {list(self.global_shapes[name])} in the checkpoint but "
+                             f"{list(where.global_shape)} in this model: the model config differs")
+        out: torch.Tensor | None = None
+        filled = 0
+        for piece in self.pieces[name]:
+            lo = [max(a, b) for a, b in zip(piece.offsets, where.offsets)]
+            hi = [min(a + n, b + m) for a, n, b, m in zip(piece.offsets, piece.shape, where.offsets, shape)]
+            if any(h <= low for low, h in zip(lo, hi)):
+                continue
+            src = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, piece.offsets))
+            part = self._open(piece.file).get_slice(piece.key)[src] if src else self._open(piece.file).get_tensor(piece.key)
+            if out is None:
+                out = torch.empty(shape, dtype=part.dtype)
+            out[tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, where.offsets))] = part
+            filled += math.prod(h - low for low, h in zip(lo, hi))
+        if out is None or filled != math.prod(shape):
+            raise ValueError(f"checkpoint pieces of '{name}' cover {filled} of the {math.prod(shape)} elements "
+                             f"this rank needs at offsets {list(where.offsets)}: files are missing")
+        return out

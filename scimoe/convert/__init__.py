@@ -1,0 +1,1 @@
+"""Conversions between scimoe checkpoints and other formats (Hugging Face folders)."""

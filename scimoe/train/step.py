@@ -49,10 +49,10 @@ def train_step(model: MoETransformer, optimizer, microbatches: list[dict[str, to
     if not skipped:
         optimizer.step()
         for moe in model.moe_layers():
-            moe.update_selection_bias()
+            moe.commit_step()
     else:
         for moe in model.moe_layers():
-            moe.load_since_update.zero_()
+            moe.discard_step()
     optimizer.zero_grad()
     counts = [runtime.reduce_sum(c) for c in counts]
     tokens = int(runtime.reduce_sum(torch.tensor(sum(mb["input_ids"].numel() for mb in microbatches))))

@@ -54,6 +54,9 @@ class MoELayer(nn.Module):
         `parts`, `split(x)` (this rank's contiguous share of the rows) and `gather(y)` (all rows back)."""
         self.register_buffer("expert_output_ema", torch.zeros(cfg.num_experts, hidden))
         self.register_buffer("load_since_update", torch.zeros(cfg.num_experts), persistent=False)
+        # STE-EMA: expert output sums of this optimizer step, folded into Ê when the step commits.
+        self.register_buffer("output_sum_since_update", torch.zeros(cfg.num_experts, hidden) if cfg.router_mode ==
+                             "ste_ema" else None, persistent=False)
 
     def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
         batch, seq, hidden = x.shape
@@ -71,7 +74,7 @@ class MoELayer(nn.Module):
         if self.cfg.router_mode == "ste_ema":
             y = y + self._ema_gradient_path(routing).to(y.dtype)
             if self.training:
-                self._update_output_ema(out.detach(), sent.expert_ids, routed)
+                self.output_sum_since_update.index_add_(0, sent.expert_ids, out.detach().float())
         if self.token_split is not None:
             y = self.token_split.gather(y)
         if self.shared_expert is not None:
@@ -87,17 +90,16 @@ class MoELayer(nn.Module):
         return ((probs - probs.detach()) * not_selected) @ self.expert_output_ema
 
     @torch.no_grad()
-    def _update_output_ema(self, out: torch.Tensor, expert_ids: torch.Tensor, routed: torch.Tensor) -> None:
-        """Ê_j ← d·Ê_j + (1−d)·mean output of expert j over all its tokens (all ranks); idle experts keep Ê_j."""
-        sums = torch.zeros_like(self.expert_output_ema).index_add_(0, expert_ids, out.float())
-        counts = routed.float()
+    def _update_output_ema(self, load: torch.Tensor) -> None:
+        """Ê_j ← d·Ê_j + (1−d)·mean output of expert j over all its tokens of the step (all ranks); idle
+        experts keep Ê_j. Once per optimizer step, so a skipped step leaves Ê untouched."""
+        sums = self.output_sum_since_update
         if self.stats_reduce is not None:
-            sums, counts = self.stats_reduce(sums), self.stats_reduce(counts)
-        counts = counts.unsqueeze(-1)
+            sums = self.stats_reduce(sums)
+        counts = load.unsqueeze(-1)
         decay = self.cfg.ema_decay
         updated = decay * self.expert_output_ema + (1 - decay) * sums / counts.clamp_min(1.0)
-        # Out of place: autograd saved the old Ê for this step's backward.
-        self.expert_output_ema = torch.where(counts > 0, updated, self.expert_output_ema)
+        self.expert_output_ema.copy_(torch.where(counts > 0, updated, self.expert_output_ema))
 
     def _aux(self, routing, batch: int, counts: torch.Tensor) -> MoEAux:
         cfg, probs, idx = self.cfg, routing.probs, routing.indices
@@ -117,9 +119,20 @@ class MoELayer(nn.Module):
         return MoEAux(balance_loss=balance, z_loss=z, counts=counts.detach(), entropy=entropy, indices=idx)
 
     @torch.no_grad()
-    def update_selection_bias(self) -> None:
-        """Aux-loss-free balancing, once per optimizer step with the loads seen since the last one."""
+    def commit_step(self) -> None:
+        """After an optimizer step: aux-loss-free bias and STE-EMA updates from the step's routed loads."""
+        if not self.cfg.bias_update_rate and self.output_sum_since_update is None:
+            return self.discard_step()
+        load = self.load_since_update if self.stats_reduce is None else self.stats_reduce(self.load_since_update)
         if self.cfg.bias_update_rate:
-            load = self.load_since_update if self.stats_reduce is None else self.stats_reduce(self.load_since_update)
             losses.aux_free_bias_update(self.router.selection_bias, load, self.cfg.bias_update_rate)
+        if self.output_sum_since_update is not None:
+            self._update_output_ema(load)
+        self.discard_step()
+
+    @torch.no_grad()
+    def discard_step(self) -> None:
+        """A skipped (non-finite) step: forget its loads so no state changes."""
         self.load_since_update.zero_()
+        if self.output_sum_since_update is not None:
+            self.output_sum_since_update.zero_()

@@ -18,13 +18,14 @@ import os
 import random
 import re
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from scimoe.parallel.runtime import Runtime
 from scimoe.train import shards
+from scimoe.train.async_save import AsyncSaver, wait_for_parts
 
 FORMAT_VERSION = 2
 MARKER = "COMPLETE"
@@ -99,16 +100,20 @@ def _entries(model: torch.nn.Module, optimizer: Any, layout: dict) -> tuple[dict
 
 
 def save(run_dir: str, step: int, model: torch.nn.Module, optimizer: Any, loader_state: dict,
-         config_yaml: str, runtime: Any = None, rank: int = 0, world: int = 1) -> str:
-    """Write checkpoint `step` atomically (every rank calls this) and return its folder."""
+         config_yaml: str, runtime: Any = None, rank: int = 0, world: int = 1, saver: AsyncSaver | None = None,
+         on_complete: Callable[[], None] | None = None) -> str:
+    """Write checkpoint `step` atomically (every rank calls this) and return its folder. With `saver` the
+    files are written in the background; `on_complete` runs on rank 0 once the marker is in place."""
     runtime = runtime or Runtime()
     model_entries, optim_entries = _entries(model, optimizer, runtime.shard_layout(model))
-    train_state = {"step": step, "loader": loader_state, "rng": rng_state(), "world": world}
-    return write(run_dir, step, model_entries, optim_entries, train_state, config_yaml, runtime, rank, world)
+    train_state = {"step": step, "loader": dict(loader_state), "rng": rng_state(), "world": world}
+    return write(run_dir, step, model_entries, optim_entries, train_state, config_yaml, runtime, rank, world,
+                 saver, on_complete)
 
 
 def write(run_dir: str, step: int, model_entries: dict, optim_entries: dict | None, train_state: dict | None,
-          config_yaml: str, runtime: Any = None, rank: int = 0, world: int = 1) -> str:
+          config_yaml: str, runtime: Any = None, rank: int = 0, world: int = 1, saver: AsyncSaver | None = None,
+          on_complete: Callable[[], None] | None = None) -> str:
     """The atomic save protocol for entries {key: (name, tensor, placement)}. `optim_entries=None` and
     `train_state=None` make a weights-only checkpoint (what `scimoe-import` writes)."""
     runtime = runtime or Runtime()
@@ -122,39 +127,57 @@ def write(run_dir: str, step: int, model_entries: dict, optim_entries: dict | No
     everyone = runtime.all_gather_object((sorted(model_entries), sorted(optim_entries or {})))  # also a barrier
     model_writer = shards.choose_writers([m for m, _ in everyone])
     optim_writer = shards.choose_writers([o for _, o in everyone])
+    copy = (lambda t: t.detach().to("cpu", copy=True)) if saver is not None else (lambda t: t)
+    mine = {k: (n, copy(t), w) for k, (n, t, w) in model_entries.items() if model_writer[k] == rank}
+    mine_optim = None if optim_entries is None else \
+        {k: (n, copy(t), w) for k, (n, t, w) in optim_entries.items() if optim_writer[k] == rank}
     suffix = f"_rank{rank:05d}"
-    files = {f"model{suffix}.safetensors": shards.encode(
-        {k: v for k, v in model_entries.items() if model_writer[k] == rank})}
-    if optim_entries is not None:
-        files[f"optimizer{suffix}.safetensors"] = shards.encode(
-            {k: v for k, v in optim_entries.items() if optim_writer[k] == rank})
-    if train_state is not None:
-        files[f"train_state{suffix}.pt"] = _torch_bytes(train_state)
-    if rank == 0:
-        files["config.yaml"] = config_yaml.encode()
-    digests = {name: _fsync_write(os.path.join(tmp, name), data) for name, data in files.items()}
-    _fsync_write(os.path.join(tmp, f".manifest{suffix}.json"), json.dumps(digests).encode())
-    runtime.barrier()
-    if rank == 0:
-        manifest: dict[str, str] = {}
-        for part in sorted(n for n in os.listdir(tmp) if n.startswith(".manifest")):
-            with open(os.path.join(tmp, part)) as f:
-                manifest.update(json.load(f))
-            os.remove(os.path.join(tmp, part))
-        _fsync_write(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
-        _fsync_dir(tmp)
-        if os.path.exists(final):  # an earlier save of this step that never completed
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        marker_tmp = os.path.join(final, f".{MARKER}.tmp")
-        marker = {"step": step, "format_version": FORMAT_VERSION, "world": world,
-                  "weights_only": train_state is None}
-        _fsync_write(marker_tmp, json.dumps(marker).encode())
-        os.rename(marker_tmp, os.path.join(final, MARKER))
-        _fsync_dir(final)
-    runtime.barrier()
+
+    def finish() -> None:
+        files = {f"model{suffix}.safetensors": shards.encode(mine)}
+        if mine_optim is not None:
+            files[f"optimizer{suffix}.safetensors"] = shards.encode(mine_optim)
+        if train_state is not None:
+            files[f"train_state{suffix}.pt"] = _torch_bytes(train_state)
+        if rank == 0:
+            files["config.yaml"] = config_yaml.encode()
+        digests = {name: _fsync_write(os.path.join(tmp, name), data) for name, data in files.items()}
+        _fsync_write(os.path.join(tmp, f".manifest{suffix}.json"), json.dumps(digests).encode())
+        if saver is None:
+            runtime.barrier()
+        if rank == 0:
+            if saver is not None:
+                wait_for_parts(tmp, world)
+            _complete(tmp, final, {"step": step, "format_version": FORMAT_VERSION, "world": world,
+                                   "weights_only": train_state is None})
+            if on_complete is not None:
+                on_complete()
+
+    if saver is None:
+        finish()
+        runtime.barrier()
+    else:
+        saver.submit(finish)
     return final
+
+
+def _complete(tmp: str, final: str, marker: dict) -> None:
+    """Rank 0, once every rank's files are in `tmp`: manifest, rename into place, then the marker."""
+    manifest: dict[str, str] = {}
+    for part in sorted(n for n in os.listdir(tmp) if n.startswith(".manifest")):
+        with open(os.path.join(tmp, part)) as f:
+            manifest.update(json.load(f))
+        os.remove(os.path.join(tmp, part))
+    _fsync_write(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    _fsync_dir(tmp)
+    if os.path.exists(final):  # an earlier save of this step that never completed
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(os.path.dirname(final))
+    marker_tmp = os.path.join(final, f".{MARKER}.tmp")
+    _fsync_write(marker_tmp, json.dumps(marker).encode())
+    os.rename(marker_tmp, os.path.join(final, MARKER))
+    _fsync_dir(final)
 
 
 def is_complete(path: str) -> bool:

@@ -23,6 +23,7 @@ from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.runtime import make_runtime
 from scimoe.parallel.state import dims_from_env, gather_coordinates, init_process_groups, rank_grid
 from scimoe.train import checkpoint
+from scimoe.train.async_save import AsyncSaver
 from scimoe.train.metrics import make_logger, moe_health
 from scimoe.train.optim import build_optimizer, lr_at
 from scimoe.train.signals import StopRequest
@@ -99,6 +100,7 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
     records: list[dict] = []
     skipped_in_a_row = 0
     stop = StopRequest(cfg.train.max_minutes)
+    saver = AsyncSaver() if cfg.checkpoint.async_save else None
     try:
         for step in range(start, cfg.train.steps):
             began = time.perf_counter()
@@ -128,16 +130,19 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
             stopping = stop.should_stop(runtime.any_rank)
             leaving = stopping or (cfg.train.exit_after_steps and step + 1 - start >= cfg.train.exit_after_steps)
             if last or leaving or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
-                path = checkpoint.save(run_dir, step + 1, model, optimizer, loader.state_dict(),
-                                       config_yaml, runtime, dims.rank, dims.world_size)
-                if dims.rank == 0:
+                def on_complete(step=step + 1) -> None:
                     checkpoint.prune(run_dir, cfg.checkpoint.keep_last)
-                    log.info("saved %s", path)
+                    log.info("saved %s", checkpoint.step_dir(run_dir, step))
+
+                checkpoint.save(run_dir, step + 1, model, optimizer, loader.state_dict(), config_yaml, runtime,
+                                dims.rank, dims.world_size, saver, on_complete if dims.rank == 0 else None)
             if leaving and not last:
                 why = f"stop requested ({stop.reason or 'another rank'})" if stopping else \
                     f"train.exit_after_steps={cfg.train.exit_after_steps} reached"
                 log.info("%s at step %d: checkpoint saved, exiting", why, step + 1)
                 break
+        if saver is not None:
+            saver.wait()  # the last checkpoint is complete before the run reports success
     finally:
         stop.close()
         logger.close()

@@ -24,13 +24,14 @@ def torchrun(nproc: int, cwd, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_expert_parallel_launch_writes_one_run_and_resumes(tmp_path):
-    first = torchrun(2, tmp_path, "parallel.ep=2", "train.steps=3")
+    first = torchrun(2, tmp_path, "parallel.ep=2", "train.steps=3", "checkpoint.every=1", "checkpoint.async_save=true")
     assert first.returncode == 0, first.stderr[-4000:]
     runs = os.listdir(tmp_path / "outputs")
     assert len(runs) == 1, runs  # both ranks agreed on the default run folder
     run = tmp_path / "outputs" / runs[0]
     ckpt = run / "checkpoints" / "step_00000003"
-    assert (ckpt / "COMPLETE").exists()
+    assert (ckpt / "COMPLETE").exists()  # written in the background, complete when the job exits
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_00000001", "step_00000002", "step_00000003"]
     assert sorted(p for p in os.listdir(ckpt) if p.startswith("model")) == [
         "model_rank00000.safetensors", "model_rank00001.safetensors"]
     output = first.stderr + first.stdout

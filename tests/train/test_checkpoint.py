@@ -1,4 +1,5 @@
-"""Checkpoint integrity: manifest, corruption fallback: `python -m pytest tests/train/test_checkpoint.py`."""
+"""Checkpoint integrity (manifest, corruption fallback) and asynchronous saves:
+`python -m pytest tests/train/test_checkpoint.py`."""
 from __future__ import annotations
 
 import json
@@ -6,8 +7,9 @@ import logging
 import os
 
 import pytest
+import torch
 
-from scimoe.train import checkpoint
+from scimoe.train import checkpoint, shards
 from scimoe.train.pretrain import pretrain
 from tests.conftest import tiny_config
 
@@ -48,3 +50,31 @@ def test_flipped_bytes_are_reported_and_auto_resume_falls_back(run_with_two_chec
     with open(os.path.join(run, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
     assert checkpoint.verify(checkpoint.step_dir(run, 4)) == []
+
+
+def test_async_save_writes_the_same_checkpoints_while_training_goes_on(tmp_path):
+    runs = {}
+    for mode in (False, True):
+        c = tiny_config(steps=4)
+        c.checkpoint.every, c.checkpoint.async_save, c.checkpoint.keep_last = 1, mode, 3
+        runs[mode] = [r["loss"] for r in pretrain(c, str(tmp_path / str(mode))).records]
+    assert runs[True] == runs[False]
+    sync, background = (checkpoint.complete_checkpoints(str(tmp_path / str(m))) for m in (False, True))
+    assert [s for s, _ in background] == [s for s, _ in sync] == [2, 3, 4]  # keep_last pruned after completion
+    for (_, a), (_, b) in zip(sync, background):
+        assert checkpoint.verify(b) == []
+        for kind in ("model", "optimizer"):
+            x, y = (shards.ShardIndex(checkpoint.files(p, kind)) for p in (a, b))
+            assert x.names() == y.names()
+            for name in x.names():  # the copy taken at save time, not later steps' values
+                assert torch.equal(x.full(name), y.full(name)), (b, name)
+
+
+def test_a_failed_background_save_is_raised_not_lost(tmp_path, monkeypatch):
+    from scimoe.train.async_save import AsyncSaver
+
+    saver = AsyncSaver()
+    saver.submit(lambda: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(RuntimeError, match="asynchronous checkpoint save failed: disk full"):
+        saver.wait()
+    saver.wait()  # reported once

@@ -243,6 +243,9 @@ class CheckpointConfig:
     """`auto` (newest complete checkpoint in the run folder, else start fresh), `never`, or a path."""
     keep_last: int = 0
     """Keep only the newest N complete checkpoints; 0 keeps all."""
+    async_save: bool = False
+    """Write checkpoint files in a background thread while training goes on (needs host memory for one
+    copy of this rank's model and optimizer state); the marker still comes last."""
     init_weights: str = ""
     """Start a fresh run (step 0, new optimizer) from the weights of this checkpoint folder, saved in any
     layout or made by `scimoe-import`; ignored when `resume` finds a checkpoint to continue."""
@@ -279,6 +282,51 @@ class RecipeConfig:
         _require(self.name in ("pretrain",), "recipe.name", f"unknown recipe '{self.name}'")
 
 
+GPU_KINDS = ("h100", "h200", "a100", "b200", "cpu")
+
+
+@dataclass
+class ClusterConfig:
+    """The machines: read by `scimoe-launch slurm`, `scimoe-plan` and the MFU metric."""
+
+    gpu: str = "h100"
+    """Accelerator kind (peak rates in scimoe/launch/hardware.py): h100, h200, a100, b200 or cpu."""
+    gpus: int = 8
+    """Accelerators in the whole job (nodes × gpus_per_node)."""
+    gpus_per_node: int = 8
+    """Accelerators per node (one training process each)."""
+    peak_tflops: float = 0.0
+    """Peak dense bf16 TFLOP/s per accelerator for MFU; 0 takes the table value of `gpu`."""
+    partition: str = ""
+    """Slurm partition (#SBATCH --partition); empty leaves the site default."""
+    account: str = ""
+    """Slurm account (#SBATCH --account); empty leaves the user's default."""
+    time: str = "04:00:00"
+    """Slurm time limit of one allocation; a preempted or timed-out job is requeued and resumes."""
+    job_name: str = "scimoe"
+    """Slurm job name."""
+    signal_seconds: int = 120
+    """Slurm sends SIGUSR1 this many seconds before the time limit (--signal=USR1@N): save and exit."""
+    max_requeues: int = 20
+    """How often the job script requeues itself after an unfinished allocation."""
+    cpus_per_task: int = 64
+    """CPU cores per node's task (torchrun and its workers)."""
+    rdzv_port: int = 29500
+    """c10d rendezvous port on the head node."""
+
+    def __post_init__(self) -> None:
+        _require(self.gpu in GPU_KINDS, "cluster.gpu", f"must be one of {', '.join(GPU_KINDS)}, got '{self.gpu}'")
+        _require(self.gpus > 0 and self.gpus_per_node > 0, "cluster.gpus", "must be positive")
+        _require(self.gpus % self.gpus_per_node == 0 or self.gpus < self.gpus_per_node, "cluster.gpus",
+                 f"{self.gpus} is not a whole number of nodes of {self.gpus_per_node}")
+        _require(self.peak_tflops >= 0, "cluster.peak_tflops", "must be >= 0")
+        _require(self.signal_seconds >= 0, "cluster.signal_seconds", "must be >= 0")
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.gpus // self.gpus_per_node)
+
+
 @dataclass
 class Config:
     """A whole run."""
@@ -290,6 +338,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         _require(self.train.seq_len <= self.model.max_positions, "train.seq_len",

@@ -44,3 +44,5 @@ def run_id(env: dict[str, str] | None = None) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("scimoe_run_id"):
         OmegaConf.register_new_resolver("scimoe_run_id", lambda: run_id(), use_cache=True)
+    if not OmegaConf.has_resolver("scimoe_nodes"):  # Slurm nodes for cluster.gpus (hydra/launcher/slurm.yaml)
+        OmegaConf.register_new_resolver("scimoe_nodes", lambda gpus, per_node: max(1, int(gpus) // int(per_node)))

@@ -39,7 +39,11 @@ class Groups:
 
 
 def dims_from_env(parallel) -> ParallelDims:
-    """ParallelDims from torchrun's WORLD_SIZE/RANK (1/0 when absent) and `parallel.*` sizes."""
+    """ParallelDims from torchrun's WORLD_SIZE/RANK, or a bare srun's SLURM_* (1/0 when absent), and
+    `parallel.*` sizes."""
+    from scimoe.launch.env import apply_launcher_env
+
+    apply_launcher_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     return ParallelDims(world_size=world, rank=rank, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep, etp=parallel.etp)

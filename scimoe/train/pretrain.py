@@ -97,6 +97,8 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
         log.info("initial weights from %s", cfg.checkpoint.init_weights)
     logger = make_logger(cfg.logger, run_dir, dims.rank == 0, dataclasses.asdict(cfg), resume_step=start)
 
+    if dims.rank == 0 and start < cfg.train.steps and os.path.exists(os.path.join(run_dir, "FINISHED")):
+        os.remove(os.path.join(run_dir, "FINISHED"))  # an earlier, shorter run's: this one is not done
     records: list[dict] = []
     skipped_in_a_row = 0
     stop = StopRequest(cfg.train.max_minutes)
@@ -143,6 +145,9 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
                 break
         if saver is not None:
             saver.wait()  # the last checkpoint is complete before the run reports success
+        if dims.rank == 0 and records and records[-1]["step"] == cfg.train.steps:
+            with open(os.path.join(run_dir, "FINISHED"), "w") as f:  # the Slurm script's "do not requeue"
+                f.write(f"{cfg.train.steps}\n")
     finally:
         stop.close()
         logger.close()

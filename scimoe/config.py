@@ -265,6 +265,8 @@ class LoggerConfig:
     """wandb project."""
     mode: str = "offline"
     """wandb mode: offline (default, no network), online or disabled."""
+    heatmap_every: int = 50
+    """Log the layer × expert load heatmap to wandb as an image every N steps (0: never)."""
 
     def __post_init__(self) -> None:
         _require(self.kind in ("jsonl", "wandb", "none"), "logger.kind", f"must be jsonl, wandb or none, got '{self.kind}'")

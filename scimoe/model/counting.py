@@ -8,6 +8,14 @@ With H hidden, L layers (L_moe of them MoE), n_q/n_kv heads of width d, E expert
   embedding  = 2·V·H                                           embedding + untied LM head
   norms      = (2·L + 1)·H,  fope = 2·tables·D²,  dense/shared MLPs = 3·H·F_dense each
   active     = total − L_moe·(E − K)·3·H·F                     a token runs only K experts
+
+Training FLOPs per token (`training_flops_per_token`, the numerator of MFU), for sequences of S tokens:
+  6·N_matmul + 6·L·n_q·d·S
+where N_matmul are the weights a token multiplies by (q,k,v,o, its K experts and any shared/dense MLP,
+the router, the LM head; not the embedding lookup, norms or FoPE tables); 6 = 2 FLOPs per multiply-add
+× (forward + 2× in backward). The attention term is QKᵀ and AV: 2·2·n_q·d FLOPs per (query, key) pair
+forward, S/2 keys per query on average under the causal mask, times 3 for the backward. Document masks
+of packed sequences make real attention cheaper; MFU counts the causal S/2, as Megatron and PaLM do.
 """
 from __future__ import annotations
 
@@ -35,3 +43,19 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     inactive = moe_layers * (moe.num_experts - moe.top_k) * 3 * h * moe.ffn_hidden
     counts.update(total=total, active=total - inactive, active_no_embedding=total - inactive - counts["embedding"])
     return counts
+
+
+def matmul_parameters_per_token(cfg: ModelConfig) -> int:
+    """Weights one token is multiplied by: attention projections, K routed experts, shared/dense MLPs,
+    routers and the LM head."""
+    h, d, moe = cfg.hidden, cfg.head_dim, cfg.moe
+    moe_layers = cfg.layers - moe.dense_layers
+    attention = cfg.layers * h * d * (2 * cfg.heads + 2 * cfg.kv_heads)
+    experts = moe_layers * (moe.top_k * 3 * h * moe.ffn_hidden + moe.num_experts * h + 3 * h * moe.shared_expert_ffn)
+    dense = moe.dense_layers * 3 * h * moe.dense_ffn_hidden
+    return attention + experts + dense + cfg.vocab_size * h
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs of one trained token (forward + backward), the formula in this file's docstring."""
+    return 6.0 * matmul_parameters_per_token(cfg) + 6.0 * cfg.layers * cfg.heads * cfg.head_dim * seq_len

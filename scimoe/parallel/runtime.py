@@ -48,11 +48,11 @@ class Runtime:
     def forward_backward(self, model: MoETransformer, microbatches: list[dict[str, torch.Tensor]],
                          label_tokens: int, dtype: str = "fp32") -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
         """Forward and backward every micro-batch. Returns this rank's shares of (LM loss sum, balance,
-        z) as float64 [3], and per MoE layer the expert counts and mean router entropy."""
+        z) as float64 [3], and per MoE layer the expert counts and its MoEAux.layer_stats averaged over micro-batches."""
         n_micro = len(microbatches)
         totals = torch.zeros(3, dtype=torch.float64)
         counts: list[torch.Tensor] = []
-        entropy: list[float] = []
+        stats: list[torch.Tensor] = []
         for mb in microbatches:
             with autocast_context(dtype):
                 out = model(mb["input_ids"], mb["positions"], mb["labels"])
@@ -60,8 +60,8 @@ class Runtime:
             loss.backward()
             totals += torch.stack([out.loss_sum.detach(), out.balance_loss.detach() / n_micro,
                                    out.z_loss.detach() / n_micro]).double().cpu()
-            _accumulate_moe_stats(counts, entropy, out.moe, n_micro)
-        return totals, counts, entropy
+            _accumulate_moe_stats(counts, stats, out.moe, n_micro)
+        return totals, counts, stats
 
     def sync_grads(self, model: MoETransformer) -> None:
         pass
@@ -102,13 +102,13 @@ def _all_reduced(t: torch.Tensor, group) -> torch.Tensor:
     return out.to(t.device)
 
 
-def _accumulate_moe_stats(counts: list, entropy: list, auxes: list, n_micro: int) -> None:
+def _accumulate_moe_stats(counts: list, stats: list, auxes: list, n_micro: int) -> None:
     if not counts:
         counts.extend(torch.zeros_like(a.counts) for a in auxes)
-        entropy.extend([0.0] * len(auxes))
+        stats.extend(torch.zeros(4, dtype=torch.float64) for _ in auxes)
     for i, aux in enumerate(auxes):
         counts[i] += aux.counts
-        entropy[i] += float(aux.entropy) / n_micro
+        stats[i] += aux.layer_stats() / n_micro
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter], group) -> None:
@@ -171,24 +171,24 @@ class DistributedRuntime(Runtime):
             raise ValueError(f"train.micro_batch ({b}) must be divisible by parallel.tp ({self.dims.tp}) when tensor "
                              "and expert parallelism are combined")
         if self.chunks is None:
-            totals, counts, entropy = super().forward_backward(model, microbatches, label_tokens, dtype)
-            return self._sum_token_shares(totals, counts, entropy)
+            totals, counts, stats = super().forward_backward(model, microbatches, label_tokens, dtype)
+            return self._sum_token_shares(totals, counts, stats)
         with autocast_context(dtype):
             pipeline_forward_backward(self.chunks, microbatches, label_tokens, self.dims.pp)
         n_micro = len(microbatches)
         totals = torch.zeros(3, dtype=torch.float64)
-        per_chunk = []  # (virtual stage, counts, entropy) of this rank's chunks
+        per_chunk = []  # (virtual stage, counts, layer stats) of this rank's chunks
         for chunk in self.chunks:
             counts: list[torch.Tensor] = []
-            entropy: list[float] = []
+            stats: list[torch.Tensor] = []
             for auxes in chunk.auxes:
-                _accumulate_moe_stats(counts, entropy, auxes, n_micro)
+                _accumulate_moe_stats(counts, stats, auxes, n_micro)
                 for a in auxes:
                     totals[1] += float(a.balance_loss) / n_micro
                     totals[2] += float(a.z_loss) / n_micro
             totals[0] += chunk.last_loss_sum
-            counts, entropy = self._sum_token_shares(None, counts, entropy)[1:]
-            per_chunk.append((chunk.virtual_stage, [c.cpu() for c in counts], entropy))
+            counts, stats = self._sum_token_shares(None, counts, stats)[1:]
+            per_chunk.append((chunk.virtual_stage, [c.cpu() for c in counts], stats))
         totals = self._sum_token_shares(totals, [], [])[0]
         totals = _all_reduced(totals, self.groups.pp)  # every stage holds its layers' terms
         everyone: list = [None] * self.dims.pp
@@ -197,16 +197,17 @@ class DistributedRuntime(Runtime):
         return (totals, [c.to(microbatches[0]["input_ids"].device) for _, cs, _ in ordered for c in cs],
                 [h for _, _, hs in ordered for h in hs])
 
-    def _sum_token_shares(self, totals, counts, entropy):
+    def _sum_token_shares(self, totals, counts, stats):
         """With tokens split over tp, balance/z terms and expert counts are per-share: add the shares
-        (the LM loss is replicated over tp and stays as it is)."""
+        (the LM loss is replicated over tp and stays as it is); entropy and bias drift are averaged."""
         if not self.tokens_split_over_tp:
-            return totals, counts, entropy
+            return totals, counts, stats
         if totals is not None:
             totals = torch.cat([totals[:1], _all_reduced(totals[1:], self.groups.tp)])
         counts = [_all_reduced(c, self.groups.tp) for c in counts]
-        entropy = [float(_all_reduced(torch.tensor(h), self.groups.tp)) / self.dims.tp for h in entropy]
-        return totals, counts, entropy
+        mean = torch.tensor([1.0 / self.dims.tp, 1.0, 1.0, 1.0 / self.dims.tp], dtype=torch.float64)
+        stats = [_all_reduced(s, self.groups.tp) * mean for s in stats]
+        return totals, counts, stats
 
     def _split(self, model: MoETransformer):
         """(dense, expert-sharded) parameters. Without ep the experts are replicated like dense weights,

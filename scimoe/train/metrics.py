@@ -1,4 +1,4 @@
-"""Per-step metrics: MoE health summaries and the loggers (jsonl, wandb, none).
+"""Per-step metrics: MoE health per layer, the load heatmap, and the loggers (jsonl, wandb, none).
 
 Tested by `python -m pytest tests/train/test_metrics.py`. `make_logger` returns an object with
 `log(dict)` and `close()` whatever the backend, so the loop has no logger branches.
@@ -12,26 +12,54 @@ from typing import Any
 import torch
 
 from scimoe.config import LoggerConfig
+from scimoe.model.moe.layer import LAYER_STATS
 
 
-def moe_health(counts: list[torch.Tensor], entropy: list[float]) -> dict[str, list[float]]:
-    """Per MoE layer: max/mean expert load, router entropy, and share of experts that got no token."""
-    out: dict[str, list[float]] = {"max_over_mean_load": [], "router_entropy": [], "dead_expert_share": []}
-    for c, h in zip(counts, entropy):
+def moe_health(counts: list[torch.Tensor], stats: list[torch.Tensor]) -> dict[str, list]:
+    """Per MoE layer (lists indexed by MoE layer): tokens per expert, max/mean load, dead experts (count and
+    share), and the layer's router entropy, balance loss, z-loss and aux-free bias drift."""
+    out: dict[str, list] = {"tokens_per_expert": [], "max_over_mean_load": [], "dead_experts": [],
+                            "dead_expert_share": [], **{name: [] for name in LAYER_STATS}}
+    for c, layer in zip(counts, stats):
         mean = float(c.float().mean())
+        out["tokens_per_expert"].append([int(v) for v in c.tolist()])
         out["max_over_mean_load"].append(float(c.max()) / mean if mean > 0 else 0.0)
-        out["router_entropy"].append(float(h))
+        out["dead_experts"].append(int((c == 0).sum()))
         out["dead_expert_share"].append(float((c == 0).float().mean()))
+        for name, value in zip(LAYER_STATS, layer.tolist()):
+            out[name].append(value)
     return out
 
 
+def load_image(loads: list[list[int]], step: int):
+    """A layer × expert heatmap of each expert's share of its layer's routed tokens (matplotlib figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    share = np.asarray(loads, dtype=float)
+    share = share / np.maximum(share.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(max(4, share.shape[1] / 8), max(2.5, share.shape[0] / 4)))
+    im = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set(xlabel="expert", ylabel="MoE layer", title=f"expert load share, step {step}")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
 def _flatten(record: dict[str, Any]) -> dict[str, Any]:
+    """wandb keys: `moe/router_entropy/layer_3`, `tokens_by_modality/text`; per-expert lists stay out
+    (they go to the heatmap image)."""
     flat = {}
     for key, value in record.items():
         if isinstance(value, dict):
-            for name, per_layer in value.items():
-                for i, v in enumerate(per_layer):
-                    flat[f"{key}/{name}/layer_{i}"] = v
+            for name, inner in value.items():
+                if isinstance(inner, list):
+                    flat.update({f"{key}/{name}/layer_{i}": v for i, v in enumerate(inner) if not isinstance(v, list)})
+                else:
+                    flat[f"{key}/{name}"] = inner
         else:
             flat[key] = value
     return flat
@@ -81,12 +109,21 @@ class WandbLogger(JsonlLogger):
         import wandb
 
         self._wandb = wandb
+        self._heatmap_every = cfg.heatmap_every
         self._run = wandb.init(project=cfg.project, mode=cfg.mode, dir=run_dir, config=config,
                                name=os.path.basename(os.path.normpath(run_dir)))
 
     def log(self, record: dict[str, Any]) -> None:
         super().log(record)
-        self._run.log(_flatten(record), step=record["step"])
+        values = _flatten(record)
+        loads = record.get("moe", {}).get("tokens_per_expert")
+        if loads and self._heatmap_every and record["step"] % self._heatmap_every == 0:
+            import matplotlib.pyplot as plt
+
+            fig = load_image(loads, record["step"])
+            values["moe/expert_load"] = self._wandb.Image(fig)
+            plt.close(fig)
+        self._run.log(values, step=record["step"])
 
     def close(self) -> None:
         super().close()

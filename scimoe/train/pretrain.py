@@ -18,7 +18,9 @@ from omegaconf import OmegaConf
 from scimoe.config import Config
 from scimoe.data.loader import StepLoader
 from scimoe.data.sources import build_rows
+from scimoe.launch.hardware import peak_tflops
 from scimoe.model import build_model
+from scimoe.model.counting import training_flops_per_token
 from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.runtime import make_runtime
 from scimoe.parallel.state import dims_from_env, gather_coordinates, init_process_groups, rank_grid
@@ -49,6 +51,15 @@ def compute_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch on a GPU; the process's resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
 
 
 def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initial_state: dict | None = None,
@@ -84,6 +95,7 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
     optimizer = build_optimizer(model, cfg.train, runtime.optimizer_shards(model, cfg.parallel.zero))
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
+    flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
     start = 0
     resume_path = checkpoint.find_resume_path(run_dir, cfg.checkpoint.resume)
     if resume_path:
@@ -109,13 +121,17 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
             lr = lr_at(step, cfg.train)
             optimizer.set_lr(lr)
             batches = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in loader.next_step()]
+            data_time = time.perf_counter() - began
             result = train_step(model, optimizer, batches, cfg.train.grad_clip, cfg.train.dtype, runtime)
             elapsed = time.perf_counter() - began
             record = {
                 "step": step + 1, "loss": result.loss, "lm_loss": result.lm_loss,
                 "balance_loss": result.balance_loss, "z_loss": result.z_loss, "grad_norm": result.grad_norm,
                 "lr": lr, "tokens": result.tokens, "tokens_per_s": result.tokens / elapsed,
-                "skipped": int(result.skipped), "moe": moe_health(result.expert_counts, result.router_entropy),
+                "mfu": flops_per_token * result.tokens / elapsed / (dims.world_size * peak_tflops(cfg.cluster) * 1e12),
+                "memory_gib": memory_gib(device), "data_time_share": data_time / elapsed,
+                "tokens_by_modality": {"text": result.tokens},
+                "skipped": int(result.skipped), "moe": moe_health(result.expert_counts, result.layer_stats),
             }
             logger.log(record)
             records.append(record)

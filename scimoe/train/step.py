@@ -29,7 +29,8 @@ class StepResult:
     tokens: int
     skipped: bool
     expert_counts: list[torch.Tensor] = field(default_factory=list)
-    router_entropy: list[float] = field(default_factory=list)
+    layer_stats: list[torch.Tensor] = field(default_factory=list)
+    """Per MoE layer, float64 [router entropy, balance loss, z-loss, bias drift] (MoEAux.layer_stats)."""
 
 
 def train_step(model: MoETransformer, optimizer, microbatches: list[dict[str, torch.Tensor]],
@@ -39,7 +40,7 @@ def train_step(model: MoETransformer, optimizer, microbatches: list[dict[str, to
     model.train()
     local_labels = sum(int((mb["labels"] != -100).sum()) for mb in microbatches)
     label_tokens = int(runtime.reduce_sum(torch.tensor(local_labels)))
-    totals, counts, entropy = runtime.forward_backward(model, microbatches, label_tokens, dtype)
+    totals, counts, stats = runtime.forward_backward(model, microbatches, label_tokens, dtype)
     runtime.sync_grads(model)
     grad_norm = runtime.clip_grad_norm(model, grad_clip)
     lm_sum, balance, z = runtime.reduce_sum(totals).tolist()
@@ -55,6 +56,8 @@ def train_step(model: MoETransformer, optimizer, microbatches: list[dict[str, to
             moe.discard_step()
     optimizer.zero_grad()
     counts = [runtime.reduce_sum(c) for c in counts]
+    dp = runtime.dims.dp  # entropy and bias drift: mean over dp ranks; balance and z: shares of a sum
+    stats = [runtime.reduce_sum(s) * torch.tensor([1.0 / dp, 1.0, 1.0, 1.0 / dp], dtype=torch.float64) for s in stats]
     tokens = int(runtime.reduce_sum(torch.tensor(sum(mb["input_ids"].numel() for mb in microbatches))))
     return StepResult(loss=total, lm_loss=lm_loss, balance_loss=balance, z_loss=z, grad_norm=grad_norm,
-                      tokens=tokens, skipped=skipped, expert_counts=counts, router_entropy=entropy)
+                      tokens=tokens, skipped=skipped, expert_counts=counts, layer_stats=stats)

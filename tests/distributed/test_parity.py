@@ -53,6 +53,8 @@ def reference(tmp_path_factory):
     run = pretrain(cfg, str(tmp / "single"), initial_state=initial, gather_final_weights=True)
     assert len(run.records) == STEPS
     (tmp / "reference.json").write_text(json.dumps({"losses": [r["loss"] for r in run.records],
+                                                    "expert_counts": [r["moe"]["tokens_per_expert"] for r in run.records],
+                                                    "layer_balance": [r["moe"]["balance_loss"] for r in run.records],
                                                     "grad_norms": [r["grad_norm"] for r in run.records],
                                                     "optimizer_state_numel": run.optimizer_state_numel,
                                                     "micro_batch": cfg.train.micro_batch}))
@@ -60,16 +62,25 @@ def reference(tmp_path_factory):
     assert any(r["grad_norm"] > cfg.train.grad_clip for r in run.records), "clipping should be exercised"
     return {"reference": str(tmp / "reference.json"), "initial_weights": str(tmp / "initial.safetensors"),
             "losses": [r["loss"] for r in run.records],
+            "expert_counts": [r["moe"]["tokens_per_expert"] for r in run.records],
+            "layer_balance": [r["moe"]["balance_loss"] for r in run.records],
             "final_weights": str(tmp / "final.safetensors"), "workdir": str(tmp)}
 
 
-def _assert_parity(results: dict, names: list[str]) -> None:
+def _assert_parity(results: dict, names: list[str], reference: dict) -> None:
+    """Losses, grad norms and weights match; the logged MoE metrics, aggregated over the layout's
+    ranks, are the single process's: the same tokens per expert in every layer, the same per-layer
+    balance loss."""
     assert sorted(results) == sorted(names)
     for name, r in results.items():
         assert r["steps"] == STEPS, name
         assert r["loss_rel"] < TOL, (name, r)
         assert r["grad_norm_rel"] < TOL, (name, r)
         assert r["weight_rel"] < TOL, (name, r)
+        first = STEPS - len(r["expert_counts"])
+        assert r["expert_counts"] == reference["expert_counts"][first:], name
+        for got, want in zip(r["layer_balance"], reference["layer_balance"][first:]):
+            assert got == pytest.approx(want, rel=TOL, abs=1e-12), name
 
 
 def final_checkpoint(workdir: str, name: str) -> str:
@@ -127,7 +138,7 @@ def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference
                 "resume_step": RESUME_AT}]
     out = launch(2, {"parity": dict(reference, layouts=layouts), "dispatch": True, "grad_norm": True}, tmp_path)
     _assert_parity(out["parity"], ["ep2", "dp2", "tp2", "dp2_zero0", "pp2", "pp2_interleaved", "tp2_sp",
-                                   "dp2_from_tp2", "ep2_from_pp2"])
+                                   "dp2_from_tp2", "ep2_from_pp2"], reference)
     _assert_resumed(out["parity"], reference, "dp2_from_tp2")  # tp2 → tp1
     _assert_resumed(out["parity"], reference, "ep2_from_pp2")  # pp2 → pp1 (and ep1 → ep2)
     _resume_in_this_process(reference, "dp2")  # dp2 → dp1, two ranks → one
@@ -166,7 +177,7 @@ def test_four_rank_layouts_match_single_process(reference, tmp_path):
                 "resume_from": "tp2xep2", "resume_step": RESUME_AT}]
     out = launch(4, {"parity": dict(reference, layouts=layouts), "dispatch": True}, tmp_path)
     _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4", "tp2xdp2", "pp2xdp2", "pp2xep2", "tp2xpp2", "tp2xep2",
-                                   "tp2xep2_sp", "ep4_from_ep2xdp2", "dp4_from_ep4", "tp2xep2_resumed"])
+                                   "tp2xep2_sp", "ep4_from_ep2xdp2", "dp4_from_ep4", "tp2xep2_resumed"], reference)
     _assert_resumed(out["parity"], reference, "ep4_from_ep2xdp2")  # ep2 → ep4 (dp2 → dp1)
     _assert_resumed(out["parity"], reference, "dp4_from_ep4")  # ep4 → ep1
     _assert_resumed(out["parity"], reference, "tp2xep2_resumed", source="tp2xep2")  # 2-D, same layout: bitwise
@@ -188,6 +199,6 @@ def test_eight_rank_three_dimensional_layouts_match_single_process(reference, tm
                {"name": "tp2xpp2xep2_from_pp2xep2xdp2", "tp": 2, "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4,
                 "resume_from": "pp2xep2xdp2", "resume_step": RESUME_AT}]
     out = launch(8, {"parity": dict(reference, layouts=layouts)}, tmp_path)
-    _assert_parity(out["parity"], ["pp2xep2xdp2", "tp2xpp2xep2", "pp2xep2xdp2_resumed", "tp2xpp2xep2_from_pp2xep2xdp2"])
+    _assert_parity(out["parity"], ["pp2xep2xdp2", "tp2xpp2xep2", "pp2xep2xdp2_resumed", "tp2xpp2xep2_from_pp2xep2xdp2"], reference)
     _assert_resumed(out["parity"], reference, "pp2xep2xdp2_resumed", source="pp2xep2xdp2")  # 3-D: bitwise
     _assert_resumed(out["parity"], reference, "tp2xpp2xep2_from_pp2xep2xdp2")  # tp1→2, dp4→2: a 3-D change

@@ -31,6 +31,18 @@ class MoEAux:
     """Mean router entropy over tokens (no gradient)."""
     indices: torch.Tensor
     """[T, K] chosen experts (for router replay and mismatch metrics)."""
+    bias_abs_max: float = 0.0
+    """max |aux-free selection bias| of the layer: how far the bias has drifted from 0."""
+
+    def layer_stats(self) -> torch.Tensor:
+        """float64 [entropy, balance loss, z-loss, bias drift] for metrics (see LAYER_STATS)."""
+        return torch.tensor([float(self.entropy), float(self.balance_loss.detach()), float(self.z_loss.detach()),
+                             self.bias_abs_max],
+                            dtype=torch.float64)
+
+
+LAYER_STATS = ("router_entropy", "balance_loss", "z_loss", "bias_abs_max")
+"""Names of MoEAux.layer_stats' entries; the first and last are means, the middle two shares of a sum."""
 
 
 class MoELayer(nn.Module):
@@ -116,7 +128,8 @@ class MoELayer(nn.Module):
         z = cfg.z_loss_coef * losses.z_loss(routing.logits, self.stats_reduce) if cfg.z_loss_coef else zero
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
-        return MoEAux(balance_loss=balance, z_loss=z, counts=counts.detach(), entropy=entropy, indices=idx)
+        return MoEAux(balance_loss=balance, z_loss=z, counts=counts.detach(), entropy=entropy, indices=idx,
+                      bias_abs_max=float(self.router.selection_bias.abs().max()))
 
     @torch.no_grad()
     def commit_step(self) -> None:

@@ -24,6 +24,7 @@ from scimoe.train import checkpoint
 from scimoe.train.pretrain import pretrain
 from scimoe.train.shards import ShardIndex
 from tests.distributed.parity_config import GLOBAL_BATCH, STEPS, parity_config
+from tests.plan.test_memory_plan import assert_memory_matches
 
 WORKER = os.path.join(os.path.dirname(__file__), "worker.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -136,7 +137,12 @@ def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference
                 "resume_step": RESUME_AT},
                {"name": "ep2_from_pp2", "ep": 2, "micro_batch": GLOBAL_BATCH // 4, "resume_from": "pp2",
                 "resume_step": RESUME_AT}]
-    out = launch(2, {"parity": dict(reference, layouts=layouts), "dispatch": True, "grad_norm": True}, tmp_path)
+    memory = [{"name": "mem_dp2"}, {"name": "mem_ep2", "ep": 2}, {"name": "mem_tp2", "tp": 2},
+              {"name": "mem_pp2", "pp": 2}, {"name": "mem_tp2_sp", "tp": 2, "sp": True}]
+    out = launch(2, {"parity": dict(reference, layouts=layouts), "dispatch": True, "grad_norm": True,
+                     "memory": {"workdir": str(tmp_path), "layouts": memory}}, tmp_path)
+    for name, ranks in out["memory"].items():  # the capacity planner against what these ranks allocated
+        assert_memory_matches(name, ranks)
     _assert_parity(out["parity"], ["ep2", "dp2", "tp2", "dp2_zero0", "pp2", "pp2_interleaved", "tp2_sp",
                                    "dp2_from_tp2", "ep2_from_pp2"], reference)
     _assert_resumed(out["parity"], reference, "dp2_from_tp2")  # tp2 → tp1
@@ -175,7 +181,12 @@ def test_four_rank_layouts_match_single_process(reference, tmp_path):
                 "resume_step": RESUME_AT},
                {"name": "tp2xep2_resumed", "tp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4,
                 "resume_from": "tp2xep2", "resume_step": RESUME_AT}]
-    out = launch(4, {"parity": dict(reference, layouts=layouts), "dispatch": True}, tmp_path)
+    memory = [{"name": "mem_ep2xdp2", "ep": 2}, {"name": "mem_tp2xep2", "tp": 2, "ep": 2},
+              {"name": "mem_pp2xdp2_zero0", "pp": 2, "zero": 0}]
+    out = launch(4, {"parity": dict(reference, layouts=layouts), "dispatch": True,
+                     "memory": {"workdir": str(tmp_path), "layouts": memory}}, tmp_path)
+    for name, ranks in out["memory"].items():
+        assert_memory_matches(name, ranks)
     _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4", "tp2xdp2", "pp2xdp2", "pp2xep2", "tp2xpp2", "tp2xep2",
                                    "tp2xep2_sp", "ep4_from_ep2xdp2", "dp4_from_ep4", "tp2xep2_resumed"], reference)
     _assert_resumed(out["parity"], reference, "ep4_from_ep2xdp2")  # ep2 → ep4 (dp2 → dp1)

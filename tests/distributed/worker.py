@@ -68,6 +68,8 @@ def run_parity(spec: dict, rank: int, world: int) -> dict:
             "grad_norm_rel_per_step": [rel(g[1], w[1]) for g, w in zip(got, want)],
             "weight_rel": deviations[worst], "worst_weight": worst, "steps": first + len(got),
             "losses": [r["loss"] for r in run.records],
+            "expert_counts": [r["moe"]["tokens_per_expert"] for r in run.records],
+            "layer_balance": [r["moe"]["balance_loss"] for r in run.records],
             "optimizer_state_share": run.optimizer_state_numel / ref_state_numel,
         }
     return results
@@ -182,6 +184,22 @@ def run_grad_norm(rank: int, world: int) -> dict:
             "deepspeed": deepspeed}
 
 
+def run_memory(spec: dict, rank: int, world: int) -> dict:
+    """Measured vs planned bytes on every rank for each layout of spec["memory"]."""
+    from tests.distributed.memory_check import measure
+    from tests.plan.test_memory_plan import memory_config
+
+    out = {}
+    for layout in spec["layouts"]:
+        cfg = memory_config(**{k: v for k, v in layout.items() if k != "name"}, world=world)
+        dims = ParallelDims(world_size=world, rank=rank, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep)
+        mine = measure(cfg, dims, os.path.join(spec["workdir"], layout["name"]))
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+        out[layout["name"]] = everyone
+    return out
+
+
 def main() -> None:
     spec = json.load(open(sys.argv[1]))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -191,6 +209,8 @@ def main() -> None:
         results["parity"] = run_parity(spec["parity"], rank, world)
     if spec.get("dispatch"):
         results["dispatch"] = run_dispatch(rank, world)
+    if "memory" in spec:
+        results["memory"] = run_memory(spec["memory"], rank, world)
     if spec.get("grad_norm"):
         results["grad_norm"] = run_grad_norm(rank, world)
     if rank == 0:

@@ -1,0 +1,153 @@
+"""`scimoe-plan`: will a layout fit, what will it send, how fast will it run.
+
+Run: `scimoe-plan model=intern_s1_pro parallel.tp=8 parallel.pp=8 parallel.ep=8 cluster.gpus=512 cluster.gpu=h200
+train.seq_len=8192 train.micro_batch=1 train.global_batch=1024` (any scimoe-train override). Prints per-GPU
+memory (parameters, gradients, ZeRO-1-sharded AdamW state, activations per micro-batch with and without
+full recomputation, all-to-all buffers), communication per step by kind, and the estimated step time
+and MFU; when the layout does not fit it says so and suggests the smallest layout that does (fewest
+model-parallel GPUs, then fastest). Tested by `python -m pytest tests/plan`.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from dataclasses import dataclass, replace
+
+from scimoe.config import Config
+from scimoe.launch.hardware import ACCELERATORS
+from scimoe.launch.slurm import compose_config
+from scimoe.parallel.dims import ParallelDims
+from scimoe.plan.memory import GIB, MemoryPlan, plan_memory
+from scimoe.plan.step import StepPlan, plan_step
+
+HEADROOM = 0.9  # leave 10% of device memory to the allocator, NCCL and fragmentation
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    world: int
+    memory: MemoryPlan
+    step: StepPlan
+
+    @property
+    def capacity_bytes(self) -> float:
+        return ACCELERATORS[self.cfg.cluster.gpu].memory_gib * GIB * HEADROOM
+
+    def fits(self, recompute: bool = False) -> bool:
+        return self.memory.worst(recompute).total(recompute) <= self.capacity_bytes
+
+
+def check_layout(cfg: Config, world: int) -> ParallelDims:
+    """The layout's dims, or ValueError naming what does not divide."""
+    m, par = cfg.model, cfg.parallel
+    dims = ParallelDims(world_size=world, rank=0, tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp)
+    dims.check_model(m.moe.num_experts, m.layers, m.moe.n_groups)
+    if m.heads % par.tp or m.kv_heads % par.tp or m.vocab_size % par.tp:
+        raise ValueError(f"parallel.tp ({par.tp}) must divide model.heads, model.kv_heads and model.vocab_size")
+    per_step = cfg.train.micro_batch * dims.dp
+    if cfg.train.global_batch % per_step:
+        raise ValueError(f"train.global_batch ({cfg.train.global_batch}) is not a multiple of train.micro_batch × "
+                         f"dp ({per_step})")
+    return dims
+
+
+def make_plan(cfg: Config) -> Plan:
+    world = cfg.cluster.gpus
+    check_layout(cfg, world)
+    memory = plan_memory(cfg, world)
+    return Plan(cfg, world, memory, plan_step(cfg, memory, world))
+
+
+def candidates(cfg: Config) -> list[Plan]:
+    """Every valid (tp, pp, ep) on cluster.gpus, tp within a node."""
+    plans = []
+    tps = [t for t in (1, 2, 4, 8) if t <= cfg.cluster.gpus_per_node]
+    for tp, pp, ep, sp in itertools.product(tps, (1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16, 32, 64), (False, True)):
+        if sp and tp == 1:
+            continue
+        trial = replace(cfg, parallel=replace(cfg.parallel, tp=tp, pp=pp, ep=ep, sequence_parallel=sp))
+        try:
+            plans.append(make_plan(trial))
+        except ValueError:
+            continue
+    return plans
+
+
+def suggest(cfg: Config) -> tuple[Plan, bool] | None:
+    """The layout with the fewest model-parallel GPUs (tp·pp·ep) that fits, then the fastest; without
+    activation recomputation if any does, else with it (second item: recomputation needed)."""
+    plans = candidates(cfg)
+    for recompute in (False, True):
+        fitting = [p for p in plans if p.fits(recompute)]
+        if fitting:
+            best = min(fitting, key=lambda p: (p.cfg.parallel.tp * p.cfg.parallel.pp * p.cfg.parallel.ep, p.step.step_s))
+            return best, recompute
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:8.2f} GiB"
+
+
+def describe(plan: Plan) -> str:
+    cfg, par = plan.cfg, plan.cfg.parallel
+    dims = check_layout(cfg, plan.world)
+    worst = plan.memory.worst()
+    gpu = ACCELERATORS[cfg.cluster.gpu]
+    act = worst.activation_bytes_per_microbatch
+    act_rc = worst.activation_bytes_recompute_per_microbatch
+    lines = [
+        f"{cfg.model.name} on {plan.world} × {cfg.cluster.gpu} ({cfg.cluster.nodes} node(s)), layout "
+        f"{dims.describe().rsplit(' rank', 1)[0]} (expert-dp {max(1, par.tp * dims.dp // par.ep)}), "
+        f"{cfg.train.global_batch} × {cfg.train.seq_len} tokens per step, micro-batch {cfg.train.micro_batch}, {cfg.train.dtype}",
+        f"memory per GPU, fullest stage {worst.stage} (layers {worst.layers.start}-{worst.layers.stop - 1}):",
+        f"  parameters (fp32)           {_gib(worst.params_bytes)}   ({(worst.dense_params + worst.expert_params) / 1e9:.2f}B, "
+        f"{worst.expert_params / 1e9:.2f}B of them experts)",
+        f"  gradients (fp32)            {_gib(worst.grads_bytes)}",
+        f"  AdamW state {'(ZeRO-1)' if par.zero else '(unsharded)'}      {_gib(worst.optimizer_bytes)}",
+        f"  activations                 {_gib(act * worst.microbatches_in_flight)}   "
+        f"({_gib(act).strip()} per micro-batch × {worst.microbatches_in_flight} in flight; "
+        f"full recomputation: {_gib(act_rc * worst.microbatches_in_flight).strip()})",
+        f"  all-to-all buffers          {_gib(worst.alltoall_buffer_bytes)}",
+        f"  total                       {_gib(worst.total())}   of {gpu.memory_gib:.0f} GiB ({HEADROOM:.0%} usable): "
+        + ("fits" if plan.fits() else "DOES NOT FIT" + (" (fits with full activation recomputation, which scimoe "
+                                                         "does not build yet)" if plan.fits(True) else "")),
+        "communication per GPU per step:",
+        *(f"  {kind:<5} {volume / 1e9:10.2f} GB  {plan.step.comm_s[kind]:8.3f} s" for kind, volume in plan.step.comm_bytes.items()),
+        f"estimated step: compute {plan.step.compute_s:.3f} s, pipeline bubble {plan.step.bubble:.1%}, "
+        f"communication {sum(plan.step.comm_s.values()):.3f} s → {plan.step.step_s:.3f} s/step, "
+        f"{plan.step.tokens_per_s:,.0f} tokens/s, MFU {plan.step.mfu:.1%}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="scimoe-plan", description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for scimoe-train")
+    args = parser.parse_args(argv)
+    try:
+        cfg = compose_config(args.overrides)
+    except Exception as err:  # noqa: BLE001 (Hydra's and our config errors alike)
+        print(f"scimoe-plan: {err}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        plan = make_plan(cfg)
+        print(describe(plan))
+        ok = plan.fits()
+    except ValueError as err:
+        print(f"scimoe-plan: layout not possible: {err}")
+        ok = False
+    if not ok:
+        found = suggest(cfg)
+        if found is None:
+            print(f"no layout fits on {cfg.cluster.gpus} × {cfg.cluster.gpu}, even with full recomputation: more GPUs "
+                  "or a smaller micro-batch / sequence are needed")
+        else:
+            better, recompute = found
+            p = better.cfg.parallel
+            print(f"\nsmallest layout that fits{' with full activation recomputation (not built in scimoe yet)' if recompute else ''}: "
+                  f"parallel.tp={p.tp} parallel.pp={p.pp} parallel.ep={p.ep} parallel.sequence_parallel={p.sequence_parallel}\n"
+                  + describe(better))
+        sys.exit(1)

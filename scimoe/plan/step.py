@@ -1,0 +1,76 @@
+"""Per-step communication volume by kind and an estimated step time and MFU for a layout.
+
+Tested by `python -m pytest tests/plan/test_planner.py`. Volumes are the bytes one rank sends per
+optimizer step (ring all-reduce moves 2·(n−1)/n of the buffer, all-gather and all-to-all (n−1)/n):
+- dp gradient all-reduce of the dense gradients (fp32), and of the expert gradients over expert-dp;
+- ZeRO-1 parameter broadcast after the step ((n−1)/n of the fp32 parameters);
+- tp: per layer and micro-batch, 2 all-reduces of the [tokens, H] activations forward and 2 backward,
+  plus the embedding and LM-head collectives;
+- ep: per MoE layer and micro-batch, dispatch + combine forward and their transposes backward, each
+  tokens·K·H activations (the share leaving the rank: (ep−1)/ep);
+- pp: per micro-batch and stage boundary, the [tokens, H] activation forward and its gradient backward.
+Time: compute = model FLOPs / (peak × `matmul_efficiency`), stretched by the 1F1B bubble
+(pp−1)/(v·m + pp − 1) for m micro-batches and v virtual stages; tp and ep traffic is on the critical
+path, intra-node over NVLink when the group fits in a node, else the network; the dp/ZeRO traffic runs
+after the backward (scimoe does not overlap it yet) over the network when dp spans nodes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scimoe.config import Config
+from scimoe.launch.hardware import ACCELERATORS, peak_tflops
+from scimoe.model.counting import training_flops_per_token
+from scimoe.plan.memory import MemoryPlan
+
+
+@dataclass
+class StepPlan:
+    comm_bytes: dict[str, float]
+    """Bytes one rank sends per optimizer step, by kind (dp, zero, tp, ep, pp)."""
+    compute_s: float
+    bubble: float
+    comm_s: dict[str, float]
+    step_s: float
+    mfu: float
+    tokens_per_s: float
+
+
+def plan_step(cfg: Config, memory: MemoryPlan, world: int, matmul_efficiency: float = 0.55) -> StepPlan:
+    m, par, train, cluster = cfg.model, cfg.parallel, cfg.train, cfg.cluster
+    tp, pp, ep = par.tp, par.pp, par.ep
+    dp = world // (tp * pp)
+    expert_dp = max(1, tp * dp // ep)
+    gpu = ACCELERATORS[cluster.gpu]
+    act = 4 if train.dtype == "fp32" else 2
+    micro = max(1, train.global_batch // (train.micro_batch * dp))
+    tokens = train.micro_batch * train.seq_len
+    worst = memory.worst()
+    layers = len([i for i in range(worst.layers.start, worst.layers.stop)])
+    moe_layers = len([i for i in range(worst.layers.start, worst.layers.stop) if i >= m.moe.dense_layers])
+    ring = lambda n: 2 * (n - 1) / n if n > 1 else 0.0  # noqa: E731
+    share = lambda n: (n - 1) / n if n > 1 else 0.0  # noqa: E731
+    comm = {
+        "dp": 4 * worst.dense_params * ring(dp) + 4 * worst.expert_params * ring(expert_dp),
+        "zero": (4 * worst.dense_params * share(dp) + 4 * worst.expert_params * share(expert_dp)) if par.zero else 0.0,
+        "tp": micro * (4 * layers + 4) * tokens * m.hidden * act * ring(tp),
+        "ep": micro * moe_layers * 4 * tokens * m.moe.top_k * m.hidden * act * share(ep) / (tp if tp > 1 else 1),
+        "pp": micro * 2 * tokens * m.hidden * act if pp > 1 else 0.0,
+    }
+    per_node = cluster.gpus_per_node
+    intra = lambda group: group <= per_node  # noqa: E731  (megatron puts tp, then ep, fastest-varying)
+    bandwidth = {
+        "tp": gpu.nvlink_gbps if intra(tp) else gpu.network_gbps,
+        "ep": gpu.nvlink_gbps if intra(tp * ep) else gpu.network_gbps,
+        "dp": gpu.nvlink_gbps if intra(tp * dp) else gpu.network_gbps,
+        "zero": gpu.nvlink_gbps if intra(tp * dp) else gpu.network_gbps,
+        "pp": gpu.network_gbps if tp * dp * ep > per_node or world > per_node else gpu.nvlink_gbps,
+    }
+    comm_s = {kind: volume / (bandwidth[kind] * 1e9) for kind, volume in comm.items()}
+    flops_per_rank = training_flops_per_token(m, train.seq_len) * train.global_batch * train.seq_len / world
+    compute_s = flops_per_rank / (peak_tflops(cluster) * 1e12 * matmul_efficiency)
+    bubble = (pp - 1) / (par.pp_virtual * micro + pp - 1) if pp > 1 else 0.0
+    step_s = compute_s / (1 - bubble) + sum(comm_s.values())
+    mfu = flops_per_rank / (step_s * peak_tflops(cluster) * 1e12)
+    return StepPlan(comm_bytes=comm, compute_s=compute_s, bubble=bubble, comm_s=comm_s, step_s=step_s, mfu=mfu,
+                    tokens_per_s=train.global_batch * train.seq_len / step_s)

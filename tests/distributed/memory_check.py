@@ -1,0 +1,57 @@
+"""What a rank really allocates vs `scimoe.plan.memory`: parameters, gradients and AdamW state in bytes
+(exact) and the bytes autograd saves for the backward of one micro-batch (activations, within 20%).
+Used in-process by tests/plan/test_memory_plan.py and per rank by tests/distributed/worker.py."""
+from __future__ import annotations
+
+import torch
+
+from scimoe.config import Config
+from scimoe.data.loader import StepLoader
+from scimoe.data.sources import build_rows
+from scimoe.model import build_model
+from scimoe.parallel.dims import ParallelDims
+from scimoe.parallel.runtime import make_runtime
+from scimoe.parallel.state import init_process_groups
+from scimoe.plan.memory import plan_memory
+from scimoe.train.optim import build_optimizer
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure(cfg: Config, dims: ParallelDims, run_dir: str) -> dict:
+    """One step of `cfg` in `dims` on this rank: measured bytes and the planner's for this rank."""
+    groups = init_process_groups(dims)
+    runtime = make_runtime(dims, groups, cfg.parallel.pp_layers, cfg.parallel.pp_virtual, cfg.parallel.sequence_parallel)
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    runtime.prepare(model)
+    optimizer = build_optimizer(model, cfg.train, runtime.optimizer_shards(model, cfg.parallel.zero))
+    dp_rank = groups.dp_rank if not dims.is_single_process else 0
+    loader = StepLoader(build_rows(cfg, run_dir), cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seed,
+                        dp_rank, dims.dp)
+    batches = loader.next_step()
+    assert len(batches) == 1, "measure one micro-batch per step"
+    owned = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in owned:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    labels = int(runtime.reduce_sum(torch.tensor(int((batches[0]["labels"] != -100).sum()))))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        runtime.forward_backward(model, batches, labels)
+    runtime.sync_grads(model)
+    grads = _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    optimizer.step()
+    adam = _tensor_bytes(t for _, state in optimizer.parameter_states() for t in state.values())
+    stage = plan_memory(cfg, dims.world_size).stages[groups.pp_rank if dims.pp > 1 else 0]
+    return {
+        "params": _tensor_bytes(model.parameters()), "planned_params": stage.params_bytes,
+        "grads": grads, "planned_grads": stage.grads_bytes,
+        "optimizer": adam, "planned_optimizer": stage.optimizer_bytes_per_rank[dims.rank % (dims.tp * dims.dp)],
+        "activations": sum(saved.values()), "planned_activations": stage.activation_bytes_per_microbatch,
+    }

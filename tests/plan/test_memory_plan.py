@@ -1,0 +1,40 @@
+"""The planner against what jobs allocate: `python -m pytest tests/plan/test_memory_plan.py`.
+
+Parameters, gradients and AdamW state must equal the measured bytes exactly on every rank; activations
+(bytes autograd saves for one micro-batch) must be within 20%. One process here; the 2- and 4-rank
+layouts run in the parity launches (tests/distributed/test_parity.py calls `assert_memory_matches`).
+"""
+from __future__ import annotations
+
+from scimoe.config import CheckpointConfig, Config, DataConfig, LoggerConfig, ModelConfig, MoEConfig, TrainConfig
+from tests.distributed.memory_check import measure
+from scimoe.parallel.dims import ParallelDims
+
+ACTIVATION_TOLERANCE = 0.2
+
+
+def memory_config(tp: int = 1, pp: int = 1, ep: int = 1, zero: int = 1, sp: bool = False, world: int = 1,
+                  dense_layers: int = 0) -> Config:
+    """A tiny run whose step is one micro-batch per rank (so one forward's saved bytes are measurable)."""
+    dp = world // (tp * pp)
+    cfg = Config(model=ModelConfig(moe=MoEConfig(dense_layers=dense_layers, dense_ffn_hidden=96 if dense_layers else 0)),
+                 train=TrainConfig(steps=1, global_batch=2 * dp, micro_batch=2, seq_len=64),
+                 data=DataConfig(source="synthetic", synthetic_rows=32), checkpoint=CheckpointConfig(resume="never"),
+                 logger=LoggerConfig(kind="none"))
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.zero = tp, pp, ep, zero
+    cfg.parallel.sequence_parallel = sp
+    return cfg
+
+
+def assert_memory_matches(name: str, ranks: list[dict]) -> None:
+    for rank, m in enumerate(ranks):
+        for kind in ("params", "grads", "optimizer"):
+            assert m[kind] == m[f"planned_{kind}"], (name, rank, kind, m)
+        ratio = m["planned_activations"] / m["activations"]
+        assert abs(ratio - 1) < ACTIVATION_TOLERANCE, (name, rank, ratio, m)
+
+
+def test_one_process_allocates_what_the_planner_says(tmp_path):
+    for dense_layers in (0, 1):
+        cfg = memory_config(dense_layers=dense_layers)
+        assert_memory_matches(f"single dense={dense_layers}", [measure(cfg, ParallelDims(), str(tmp_path))])

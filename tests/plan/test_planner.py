@@ -1,0 +1,50 @@
+"""`scimoe-plan`: verdicts, suggestions and communication volumes. Run: `python -m pytest tests/plan`."""
+from __future__ import annotations
+
+import pytest
+
+from scimoe.config import Config
+from scimoe.plan.cli import main, make_plan
+from scimoe.plan.memory import plan_memory
+from scimoe.plan.step import plan_step
+
+BIG = ["model=intern_s1_pro", "cluster.gpu=h200", "train.seq_len=4096", "train.micro_batch=1",
+       "train.global_batch=1024", "train.dtype=bf16"]
+
+
+def test_a_fitting_layout_is_reported_with_every_memory_term(capsys):
+    main(["parallel.tp=4", "parallel.pp=16", "parallel.ep=8", "parallel.sequence_parallel=true", "cluster.gpus=512", *BIG])
+    out = capsys.readouterr().out  # returned normally: exit status 0
+    for term in ("parameters (fp32)", "gradients (fp32)", "AdamW state (ZeRO-1)", "activations", "full recomputation",
+                 "all-to-all buffers", ": fits", "MFU"):
+        assert term in out, term
+    for kind in ("dp", "zero", "tp", "ep", "pp"):
+        assert f"\n  {kind} " in out
+
+
+def test_a_layout_that_does_not_fit_gets_the_smallest_one_that_does(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["parallel.tp=4", "parallel.pp=4", "parallel.ep=8", "cluster.gpus=512", *BIG])
+    out = capsys.readouterr().out
+    assert stop.value.code == 1
+    assert "DOES NOT FIT" in out and "smallest layout that fits: parallel.tp=4 parallel.pp=16 parallel.ep=8" in out
+
+
+def test_impossible_layouts_are_named(capsys):
+    with pytest.raises(SystemExit):
+        main(["parallel.tp=8", "cluster.gpus=512", *BIG])
+    assert "parallel.tp (8) must divide model.heads, model.kv_heads" in capsys.readouterr().out
+
+
+def test_data_parallel_volume_matches_a_hand_count():
+    cfg = Config()
+    cfg.train.global_batch, cfg.train.micro_batch = 8, 2
+    cfg.cluster.gpu, cfg.cluster.gpus = "cpu", 4
+    memory = plan_memory(cfg, 4)
+    step = plan_step(cfg, memory, 4)
+    params = 1_844_544  # the tiny model (tests/model/test_param_count.py)
+    assert memory.stages[0].dense_params == params
+    assert step.comm_bytes["dp"] == pytest.approx(4 * params * 2 * 3 / 4)  # ring all-reduce of fp32 grads
+    assert step.comm_bytes["zero"] == pytest.approx(4 * params * 3 / 4)  # each rank receives 3/4 of the weights
+    assert step.comm_bytes["tp"] == step.comm_bytes["ep"] == step.comm_bytes["pp"] == 0
+    assert make_plan(cfg).fits()

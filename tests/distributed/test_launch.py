@@ -40,8 +40,11 @@ def test_expert_parallel_launch_writes_one_run_and_resumes(tmp_path):
     assert [row[:6] for row in grid] == [["0", "0", "0", "0", "0", "0"], ["1", "0", "0", "1", "1", "0"]]
     again = torchrun(2, tmp_path, "parallel.ep=2", "train.steps=5", f"hydra.run.dir={run}")
     assert again.returncode == 0, again.stderr[-4000:]
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5]  # one writer, resumed from step 3
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]  # one writer, resumed from step 3
+    for r in records:  # expert loads summed over both ranks: every token of the global batch, top_k times
+        assert all(sum(layer) == r["tokens"] * 4 for layer in r["moe"]["tokens_per_expert"]), r["moe"]
+        assert r["tokens"] == 4 * 32 and 0 < r["mfu"] < 1
 
 
 def test_a_two_rank_checkpoint_resumes_in_one_process_from_the_command_line(tmp_path):

@@ -4,7 +4,8 @@ from __future__ import annotations
 from scimoe.data.packing import PackedRows
 from scimoe.registry import resolve_target
 
-SOURCES = {"text": "scimoe.data.text.text_rows", "synthetic": "scimoe.data.synthetic.synthetic_rows"}
+SOURCES = {"text": "scimoe.data.text.text_rows", "synthetic": "scimoe.data.synthetic.synthetic_rows",
+           "sft": "scimoe.data.sft.sft_rows"}
 
 
 def build_rows(cfg, run_dir: str) -> PackedRows:

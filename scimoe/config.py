@@ -278,10 +278,27 @@ class RecipeConfig:
     """Which training recipe runs."""
 
     name: str = "pretrain"
-    """`pretrain` (next-token prediction on the data source)."""
+    """`pretrain` (next-token prediction on the data source), `sft` (the same loop on chat data, loss on
+    assistant tokens; `recipe=sft` also sets data.source=sft) or `grpo` (RL with verifiable rewards)."""
 
     def __post_init__(self) -> None:
-        _require(self.name in ("pretrain",), "recipe.name", f"unknown recipe '{self.name}'")
+        _require(self.name in ("pretrain", "sft", "grpo"), "recipe.name", f"unknown recipe '{self.name}'")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on chat data (data.source=sft)."""
+
+    thinking: bool = True
+    """Render assistant turns with their <think> block (a record's own `thinking` key wins)."""
+    truncation: str = "truncate"
+    """A conversation longer than train.seq_len: `truncate` (keep its start) or `drop`; both counted."""
+    max_bad_fraction: float = 0.01
+    """Stop when more than this share of the chat records cannot be read or rendered."""
+
+    def __post_init__(self) -> None:
+        _require(self.truncation in ("truncate", "drop"), "sft.truncation", f"must be truncate or drop, got '{self.truncation}'")
+        _require(0 <= self.max_bad_fraction <= 1, "sft.max_bad_fraction", "must be within [0, 1]")
 
 
 GPU_KINDS = ("h100", "h200", "a100", "b200", "cpu")
@@ -330,6 +347,56 @@ class ClusterConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """RL with verifiable rewards (recipe=grpo); the sampling defaults are Intern-S1-Pro's."""
+
+    task: str = "addition"
+    """Prompt source: `addition` (built-in toy: `a+b=` → the sum) or `jsonl` (data.path records with
+    `prompt` or `messages` and `answer`; data.tokenizer)."""
+    addition_max: int = 4
+    """The addition task's largest operand (sums stay single digits up to 4+4)."""
+    prompts_per_step: int = 8
+    """Prompts per optimizer step over all ranks."""
+    group_size: int = 8
+    """G: completions sampled per prompt (advantages are normalised within each group)."""
+    max_new_tokens: int = 1
+    """Longest completion; sampling also stops at EOS (the addition task answers in one token)."""
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 50
+    kv_cache: bool = True
+    """Sample with the KV cache (False re-runs the whole sequence per token: the benchmark baseline)."""
+    rewards: dict[str, float] = field(default_factory=lambda: {"exact_match": 1.0})
+    """Reward functions (exact_match, think_format, tool_call_json or allow-listed dotted paths) → weights."""
+    scale_std: bool = True
+    """Divide group-centred rewards by the group's std (False: only centre them)."""
+    clip_low: float = 0.2
+    """ε_low: the ratio is clipped below at 1 − ε_low."""
+    clip_high: float = 0.28
+    """ε_high: clipped above at 1 + ε_high (a higher ceiling keeps exploration: DAPO's clip-higher)."""
+    kl_coef: float = 0.0
+    """β of the KL penalty to the frozen starting policy (0: no reference model)."""
+    kl_estimator: str = "k3"
+    """k1, k2 or k3 (see scimoe/rl/loss.py)."""
+    aggregation: str = "token_mean"
+    """token_mean (over all completion tokens) or seq_mean (per sequence, then over sequences)."""
+    old_logprobs: str = "recompute"
+    """recompute (a no-grad forward of the policy before the update) or rollout (stored while sampling)."""
+    router_replay: bool = True
+    """Force the experts chosen during rollout in the training forward; metrics report the mismatch."""
+
+    def __post_init__(self) -> None:
+        _require(self.task in ("addition", "jsonl"), "grpo.task", f"must be addition or jsonl, got '{self.task}'")
+        _require(self.group_size >= 2, "grpo.group_size", "must be >= 2 (advantages compare completions)")
+        _require(self.prompts_per_step >= 1 and self.max_new_tokens >= 1, "grpo.prompts_per_step", "must be positive")
+        _require(self.temperature > 0, "grpo.temperature", "must be > 0")
+        _require(0 < self.top_p <= 1, "grpo.top_p", "must be in (0, 1]")
+        _require(self.kl_estimator in ("k1", "k2", "k3"), "grpo.kl_estimator", f"unknown '{self.kl_estimator}'")
+        _require(self.aggregation in ("token_mean", "seq_mean"), "grpo.aggregation", f"unknown '{self.aggregation}'")
+        _require(self.old_logprobs in ("recompute", "rollout"), "grpo.old_logprobs", f"unknown '{self.old_logprobs}'")
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -341,6 +408,8 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def __post_init__(self) -> None:
         _require(self.train.seq_len <= self.model.max_positions, "train.seq_len",

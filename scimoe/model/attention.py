@@ -41,14 +41,24 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor:
+        """`cache` (generation): a dict holding this layer's rotated keys and values so far, extended in
+        place; a call either fills an empty cache (the prompt) or adds one token per sequence."""
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim))
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        causal = mask is None
+        if cache is not None:
+            if "k" in cache:
+                if t != 1 or mask is not None:
+                    raise ValueError("a KV cache extends by one token per sequence, without a document mask")
+                k, v = torch.cat((cache["k"], k), dim=1), torch.cat((cache["v"], v), dim=1)
+                causal = False  # the one new query sees every cached key
+            cache["k"], cache["v"] = k, v
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).to(q.dtype), attn_mask=mask,
-            is_causal=mask is None, enable_gqa=self.heads != self.kv_heads)
+            is_causal=causal, enable_gqa=self.heads != self.kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))

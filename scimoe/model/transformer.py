@@ -50,10 +50,10 @@ class DecoderLayer(nn.Module):
         """Set by scimoe.parallel for sequence parallelism: `gather(x)` / `split(x)` along the sequence.
         The residual stream, norms and MLP then hold s/tp positions; attention sees them all."""
 
-    def forward(self, x, rotary, mask, replay=None) -> tuple[torch.Tensor, MoEAux | None]:
+    def forward(self, x, rotary, mask, replay=None, cache=None) -> tuple[torch.Tensor, MoEAux | None]:
         h = self.input_layernorm(x)
         if self.sequence_shards is None:
-            x = x + self.self_attn(h, rotary, mask)
+            x = x + self.self_attn(h, rotary, mask, cache)
         else:
             x = x + self.sequence_shards.split(self.self_attn(self.sequence_shards.gather(h), rotary, mask))
         h = self.post_attention_layernorm(x)
@@ -110,11 +110,12 @@ class MoETransformer(nn.Module):
         return [layer.mlp for layer in self.layers if isinstance(getattr(layer, "mlp", None), MoELayer)]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None,
-                replay: list[torch.Tensor] | None = None) -> ModelOutput:
+                replay: list[torch.Tensor] | None = None, kv_cache: list[dict] | None = None) -> ModelOutput:
+        """`kv_cache` (generation, one dict per layer): see Attention.forward."""
         x = self.embed_tokens(input_ids)
         if self.sequence_shards is not None:
             x = self.sequence_shards.split(x)
-        x, auxes = self.run_layers(x, positions, range(len(self.layers)), replay)
+        x, auxes = self.run_layers(x, positions, range(len(self.layers)), replay, kv_cache=kv_cache)
         logits, loss_sum, label_tokens = self.output(x, labels)
         zero = loss_sum.new_zeros(())
         return ModelOutput(
@@ -124,7 +125,7 @@ class MoETransformer(nn.Module):
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, layer_ids: range,
                    replay: list[torch.Tensor] | None = None,
-                   aux_grad_scale: float | None = None) -> tuple[torch.Tensor, list[MoEAux]]:
+                   aux_grad_scale: float | None = None, kv_cache: list[dict] | None = None) -> tuple[torch.Tensor, list[MoEAux]]:
         """Decoder layers `layer_ids` (a pipeline stage runs its own range).
 
         `replay[j]` forces the experts of the j-th MoE layer of the whole model. With `aux_grad_scale`
@@ -136,7 +137,8 @@ class MoETransformer(nn.Module):
         auxes: list[MoEAux] = []
         for i in layer_ids:
             moe_index = i - min(i, self.cfg.moe.dense_layers)
-            x, aux = self.layers[i](x, rotary, mask, replay[moe_index] if replay is not None else None)
+            x, aux = self.layers[i](x, rotary, mask, replay[moe_index] if replay is not None else None,
+                                    kv_cache[i] if kv_cache is not None else None)
             if aux is not None:
                 auxes.append(aux)
                 if aux_grad_scale is not None:

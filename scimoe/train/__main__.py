@@ -33,10 +33,15 @@ def main(cfg: DictConfig) -> None:
         print(f"scimoe-train: {err}", file=sys.stderr)
         sys.exit(2)
     run_dir = HydraConfig.get().runtime.output_dir
-    from scimoe.train.pretrain import pretrain
-
     try:
-        pretrain(config, run_dir, dims)
+        if config.recipe.name == "grpo":
+            from scimoe.rl.grpo import grpo
+
+            grpo(config, run_dir)
+        else:  # pretrain and sft share the loop; sft differs in its data (data.source=sft)
+            from scimoe.train.pretrain import pretrain
+
+            pretrain(config, run_dir, dims)
     finally:
         import torch.distributed as dist
 

@@ -33,6 +33,8 @@ class MoEAux:
     """[T, K] chosen experts (for router replay and mismatch metrics)."""
     bias_abs_max: float = 0.0
     """max |aux-free selection bias| of the layer: how far the bias has drifted from 0."""
+    replay_mismatch: float | None = None
+    """With router replay: share of tokens the router itself would have sent elsewhere."""
 
     def layer_stats(self) -> torch.Tensor:
         """float64 [entropy, balance loss, z-loss, bias drift] for metrics (see LAYER_STATS)."""
@@ -129,7 +131,7 @@ class MoELayer(nn.Module):
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
         return MoEAux(balance_loss=balance, z_loss=z, counts=counts.detach(), entropy=entropy, indices=idx,
-                      bias_abs_max=float(self.router.selection_bias.abs().max()))
+                      bias_abs_max=float(self.router.selection_bias.abs().max()), replay_mismatch=routing.replay_mismatch)
 
     @torch.no_grad()
     def commit_step(self) -> None:

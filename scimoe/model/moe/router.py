@@ -34,6 +34,8 @@ class Routing:
     """[T, E] fp32 full softmax over experts (with gradient)."""
     logits: torch.Tensor
     """[T, E] fp32 router logits (with gradient)."""
+    replay_mismatch: float | None = None
+    """With replay: share of tokens whose own top-K set differs from the replayed one."""
 
 
 class GroupedRouter(nn.Module):
@@ -54,10 +56,12 @@ class GroupedRouter(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
             probs = logits.softmax(dim=-1)
-            if replay is None:
-                scores = probs.detach() + self.selection_bias
-                indices = grouped_topk(scores, self.top_k, self.n_groups)
-            else:
+            scores = probs.detach() + self.selection_bias
+            indices = grouped_topk(scores, self.top_k, self.n_groups)
+            mismatch = None
+            if replay is not None:
+                own, replay = indices, replay.to(indices.device)
+                mismatch = float((own.sort(-1).values != replay.sort(-1).values).any(-1).float().mean()) if len(own) else 0.0
                 indices = replay
             selected = probs.gather(1, indices)
             # p_S / Σ p_S equals softmax over the selected logits; written this way the
@@ -67,4 +71,4 @@ class GroupedRouter(nn.Module):
                 # Straight-through: the value stays w exactly ((p − sg p) is exactly 0), while the
                 # gradient reaches the full softmax p_S and so every router row.
                 weights = weights.detach() + (selected - selected.detach())
-        return Routing(indices=indices, weights=weights, probs=probs, logits=logits)
+        return Routing(indices=indices, weights=weights, probs=probs, logits=logits, replay_mismatch=mismatch)

@@ -126,7 +126,7 @@ def grpo(cfg: Config, run_dir: str) -> list[dict]:
                 "step": step + 1, "loss": float(result.loss.detach()), "reward_mean": stats[0] / n,
                 "reward_std": max(stats[1] / n - (stats[0] / n) ** 2, 0.0) ** 0.5,
                 "advantage_abs_mean": stats[8] / stats[9], "clip_fraction": stats[5] / tokens, "kl": stats[6] / tokens,
-                "entropy": stats[4] / tokens, "response_length": tokens / n,
+                "entropy": stats[4] / tokens, "response_length": tokens / n, "samples": int(n),
                 "routing_mismatch": stats[7] / dims.world_size if g.router_replay else None,
                 "grad_norm": grad_norm, "lr": lr_at(step, cfg.train), "tokens_per_s": tokens / seconds,
                 "rollout_s": rollout_s, "logprob_s": logprob_s, "update_s": update_s, "skipped": 0,

@@ -38,3 +38,14 @@ def test_recipe_sft_from_the_command_line_on_a_chat_file_reports_its_data(tmp_pa
     strict = subprocess.run(cmd[:-1] + ["sft.max_bad_fraction=0.01", "hydra.run.dir=run2"], cwd=tmp_path,
                             env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
     assert strict.returncode != 0 and "more than sft.max_bad_fraction=0.01" in strict.stderr + strict.stdout
+
+
+def test_sft_runs_data_parallel_under_torchrun(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scimoe.train",
+           "recipe=sft", "data.synthetic_rows=32", "train.steps=2", "train.seq_len=128", "train.global_batch=4",
+           "train.micro_batch=2", "parallel.ep=2", "hydra.run.dir=run"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and records[1]["lm_loss"] < records[0]["lm_loss"]

@@ -39,6 +39,14 @@ def read_metrics(run_dir: str) -> list[dict]:
     return records
 
 
+def _save(fig, out: str, name: str) -> str:
+    fig.tight_layout()
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _curves(records: list[dict], out: str) -> str:
     steps = [r["step"] for r in records]
     panels = [("loss", ["loss", "lm_loss"]), ("balance and z", ["balance_loss", "z_loss"]), ("grad norm", ["grad_norm"]),
@@ -53,11 +61,7 @@ def _curves(records: list[dict], out: str) -> str:
     skipped = [r["step"] for r in records if r.get("skipped")]
     for step in skipped:
         axes.flat[0].axvline(step, color="red", alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(out, "loss.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, out, "loss.png")
 
 
 def _load_over_time(records: list[dict], out: str) -> str:
@@ -77,11 +81,7 @@ def _load_over_time(records: list[dict], out: str) -> str:
         ax.set(title=f"MoE layer {i}", xlabel="step", ylabel="expert")
         fig.colorbar(im, ax=ax)
     fig.suptitle("expert load share over time")
-    fig.tight_layout()
-    path = os.path.join(out, "expert_load.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, out, "expert_load.png")
 
 
 def _health(records: list[dict], out: str) -> str:
@@ -94,11 +94,7 @@ def _health(records: list[dict], out: str) -> str:
             ax.plot(steps, values[:, layer], label=f"layer {layer}")
         ax.set(title=key, xlabel="step")
     axes[0].legend(fontsize="small")
-    fig.tight_layout()
-    path = os.path.join(out, "moe_health.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, out, "moe_health.png")
 
 
 def report(run_dir: str, out: str | None = None) -> list[str]:
@@ -109,10 +105,8 @@ def report(run_dir: str, out: str | None = None) -> list[str]:
     paths = [_curves(records, out)]
     if records[-1].get("moe", {}).get("tokens_per_expert"):
         paths += [_load_over_time(records, out), _health(records, out)]
-        fig = load_image(records[-1]["moe"]["tokens_per_expert"], records[-1]["step"])
-        paths.append(os.path.join(out, "expert_load_last.png"))
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+        paths.append(_save(load_image(records[-1]["moe"]["tokens_per_expert"], records[-1]["step"]), out,
+                           "expert_load_last.png"))
     return paths
 
 

@@ -73,8 +73,37 @@ class MoEConfig:
 
 
 @dataclass
+class VisionModelConfig:
+    """Vision encoder (Qwen3-VL style, scimoe/model/vision.py); Intern-S1-Pro: hidden 1024, 24 layers, 16 heads."""
+
+    enabled: bool = False
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    mlp: int = 128
+    grid: int = 48
+    """Side of the learned position grid, interpolated to each image's patch grid."""
+    freeze: bool = False
+    """Keep the encoder's weights fixed (no gradient, not in the optimizer)."""
+
+
+@dataclass
+class TimeSeriesModelConfig:
+    """Time-series encoder (scimoe/model/timeseries.py)."""
+
+    enabled: bool = False
+    hidden: int = 64
+    patch_hidden: int = 32
+    layers: int = 2
+    heads: int = 4
+    window: int = 1500
+    """Frames per window of the Whisper-style encoder (bounds its attention)."""
+    freeze: bool = False
+
+
+@dataclass
 class ModelConfig:
-    """Decoder-only MoE language model (Intern-S1-Pro text tower)."""
+    """Decoder-only MoE language model (Intern-S1-Pro text tower), with optional vision and time-series encoders."""
 
     name: str = "tiny"
     """Preset name, for logs and run folders."""
@@ -111,6 +140,12 @@ class ModelConfig:
     LM head, so every block starts as the identity: measured 2× faster early loss drop on the tiny preset."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-experts settings."""
+    vision: VisionModelConfig = field(default_factory=VisionModelConfig)
+    timeseries: TimeSeriesModelConfig = field(default_factory=TimeSeriesModelConfig)
+    image_token_id: int = 3
+    """Id of `<|image_pad|>` (scimoe's tokenizers reserve it): replaced by vision embeddings."""
+    ts_token_id: int = 4
+    """Id of `<|ts_pad|>`: replaced by time-series embeddings."""
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "max_positions"):
@@ -197,10 +232,18 @@ class DataConfig:
 
     synthetic_rows: int = 512
     """Rows the synthetic source generates (one epoch)."""
+    streaming: bool = False
+    """Read multimodal records through HF datasets' streaming mode (no full copy in its cache)."""
+    max_bad_fraction: float = 0.01
+    """Stop when more than this share of multimodal records are bad (each one is reported by file:line)."""
+    blend: Optional[list[Any]] = None
+    """Megatron-style weighted blend of pretokenized .bin/.idx prefixes: [w1, prefix1, w2, prefix2, …]
+    (data.source=indexed)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.source), "data.source", "must name a source")
         _require(self.synthetic_rows > 0, "data.synthetic_rows", "must be positive")
+        _require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", "must be within [0, 1]")
 
 
 @dataclass

@@ -16,6 +16,8 @@ from scimoe.model.attention import Attention, document_causal_mask
 from scimoe.model.moe.experts import GroupedExperts, SwiGLU
 from scimoe.model.moe.layer import MoEAux, MoELayer
 from scimoe.model.norm import RMSNorm
+from scimoe.model.timeseries import TimeSeriesConfig, TimeSeriesEncoder
+from scimoe.model.vision import VisionConfig, VisionEncoder
 from scimoe.model.rotary import FoPE, RoPE
 
 
@@ -78,6 +80,16 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, dense=i < cfg.moe.dense_layers) for i in range(cfg.layers))
         self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.vision = self.timeseries = None
+        if cfg.vision.enabled:
+            v = cfg.vision
+            self.vision = VisionEncoder(VisionConfig(v.hidden, v.layers, v.heads, v.mlp, v.grid), cfg.hidden)
+            self.vision.requires_grad_(not v.freeze)
+        if cfg.timeseries.enabled:
+            t = cfg.timeseries
+            self.timeseries = TimeSeriesEncoder(TimeSeriesConfig(t.hidden, t.patch_hidden, 1, t.layers, t.heads, t.window),
+                                                cfg.hidden)
+            self.timeseries.requires_grad_(not t.freeze)
         self.sequence_shards = None
         """Set by scimoe.parallel for sequence parallelism (see DecoderLayer.sequence_shards)."""
         self.token_loss = None
@@ -90,6 +102,8 @@ class MoETransformer(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         std = self.cfg.init_std
         for name, p in self.named_parameters():
+            if name.startswith(("vision.", "timeseries.")):
+                continue  # below, module by module
             if name.endswith(("norm.weight", "layernorm.weight")):
                 p.fill_(1.0)
             elif "rotary" in name:
@@ -101,6 +115,20 @@ class MoETransformer(nn.Module):
                     p.zero_()
         if isinstance(self.rotary, FoPE):
             self.rotary.reset_parameters(gen)
+        for encoder in (self.vision, self.timeseries):
+            for module in encoder.modules() if encoder is not None else []:
+                if isinstance(module, nn.LayerNorm):
+                    module.weight.fill_(1.0)
+                    module.bias.zero_()
+                elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv3d)):
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+                    if module.bias is not None:
+                        module.bias.zero_()
+                elif isinstance(module, nn.MultiheadAttention):
+                    module.in_proj_weight.copy_(torch.randn(module.in_proj_weight.shape, generator=gen) * std)
+                    module.in_proj_bias.zero_()
+            if isinstance(encoder, VisionEncoder):
+                encoder.pos_embed.copy_(torch.randn(encoder.pos_embed.shape, generator=gen) * std)
         for buf_name, buf in self.named_buffers():
             if buf_name.endswith(("expert_output_ema", "selection_bias", "load_since_update")):
                 buf.zero_()
@@ -109,10 +137,33 @@ class MoETransformer(nn.Module):
         # A pipeline stage replaces the layers it does not run with placeholders (no `mlp`).
         return [layer.mlp for layer in self.layers if isinstance(getattr(layer, "mlp", None), MoELayer)]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None,
-                replay: list[torch.Tensor] | None = None, kv_cache: list[dict] | None = None) -> ModelOutput:
-        """`kv_cache` (generation, one dict per layer): see Attention.forward."""
+    def embed(self, input_ids: torch.Tensor, images: list[torch.Tensor] | None = None,
+              series: list[tuple[torch.Tensor, float]] | None = None) -> torch.Tensor:
+        """Token embeddings with `<|image_pad|>` / `<|ts_pad|>` positions replaced, in order of appearance
+        (row by row), by the encoders' outputs for `images` ([3, H, W]) and `series` ((values, rate))."""
         x = self.embed_tokens(input_ids)
+        for encoder, items, token, name in ((self.vision, images, self.cfg.image_token_id, "image"),
+                                            (self.timeseries, series, self.cfg.ts_token_id, "time-series")):
+            if encoder is None:  # a text-only model: the placeholder ids are ordinary tokens
+                if items:
+                    raise ValueError(f"the batch has {name} inputs but model."
+                                     f"{'vision' if name == 'image' else 'timeseries'}.enabled is false")
+                continue
+            slots = input_ids == token
+            frozen = not any(p.requires_grad for p in encoder.parameters())
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                vectors = torch.cat([encoder(*(item if isinstance(item, tuple) else (item,))) for item in items or []]
+                                    or [x.new_zeros(0, x.shape[-1])])
+            if len(vectors) != int(slots.sum()):
+                raise ValueError(f"{int(slots.sum())} {name} placeholder tokens but the encoder produced {len(vectors)} vectors")
+            x = x.masked_scatter(slots.unsqueeze(-1), vectors.to(x.dtype))
+        return x
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None,
+                replay: list[torch.Tensor] | None = None, kv_cache: list[dict] | None = None,
+                images: list[torch.Tensor] | None = None, series: list[tuple[torch.Tensor, float]] | None = None) -> ModelOutput:
+        """`kv_cache` (generation, one dict per layer): see Attention.forward. `images`, `series`: see embed."""
+        x = self.embed(input_ids, images, series)
         if self.sequence_shards is not None:
             x = self.sequence_shards.split(x)
         x, auxes = self.run_layers(x, positions, range(len(self.layers)), replay, kv_cache=kv_cache)

@@ -55,7 +55,8 @@ class Runtime:
         stats: list[torch.Tensor] = []
         for mb in microbatches:
             with autocast_context(dtype):
-                out = model(mb["input_ids"], mb["positions"], mb["labels"])
+                out = model(mb["input_ids"], mb["positions"], mb["labels"], images=mb.get("images"),
+                            series=mb.get("series"))
             loss = out.loss_sum / max(label_tokens, 1) + (out.balance_loss + out.z_loss) / n_micro
             loss.backward()
             totals += torch.stack([out.loss_sum.detach(), out.balance_loss.detach() / n_micro,

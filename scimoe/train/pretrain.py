@@ -53,6 +53,25 @@ def compute_device() -> torch.device:
     return torch.device("cpu")
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors, and the tensors inside the media lists (images, (series, rate) pairs), moved to `device`."""
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, tuple):
+            return tuple(move(x) for x in v)
+        return [move(x) for x in v] if isinstance(v, list) else v
+    return {k: move(v) for k, v in batch.items()}
+
+
+def modality_tokens(batches: list[dict], model_cfg, runtime) -> dict[str, int]:
+    """Input tokens of the step by modality, summed over data-parallel ranks (padding counts as text)."""
+    ids = torch.cat([mb["input_ids"].flatten() for mb in batches])
+    image, ts = int((ids == model_cfg.image_token_id).sum()), int((ids == model_cfg.ts_token_id).sum())
+    counts = runtime.reduce_sum(torch.tensor([ids.numel() - image - ts, image, ts]))
+    return dict(zip(("text", "image", "time_series"), (int(c) for c in counts)))
+
+
 def memory_gib(device: torch.device) -> float:
     """Peak GPU memory allocated by torch on a GPU; the process's resident memory on a CPU."""
     if device.type == "cuda":
@@ -84,6 +103,9 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS on GPUs only
     torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
     model = build_model(cfg.model, seed=cfg.train.seed)
+    if (model.vision or model.timeseries) and (dims.tp > 1 or dims.pp > 1):
+        raise NotImplementedError("vision / time-series encoders run with data and expert parallelism only for now "
+                                  "(parallel.tp and parallel.pp must be 1)")
     if initial_state is not None:
         model.load_state_dict(initial_state)
     runtime.prepare(model)  # shard experts, hook statistics reductions
@@ -120,7 +142,7 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
             began = time.perf_counter()
             lr = lr_at(step, cfg.train)
             optimizer.set_lr(lr)
-            batches = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in loader.next_step()]
+            batches = [to_device(mb, device) for mb in loader.next_step()]
             data_time = time.perf_counter() - began
             result = train_step(model, optimizer, batches, cfg.train.grad_clip, cfg.train.dtype, runtime)
             elapsed = time.perf_counter() - began
@@ -130,7 +152,7 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
                 "lr": lr, "tokens": result.tokens, "tokens_per_s": result.tokens / elapsed,
                 "mfu": flops_per_token * result.tokens / elapsed / (dims.world_size * peak_tflops(cfg.cluster) * 1e12),
                 "memory_gib": memory_gib(device), "data_time_share": data_time / elapsed,
-                "tokens_by_modality": {"text": result.tokens},
+                "tokens_by_modality": modality_tokens(batches, cfg.model, runtime),
                 "skipped": int(result.skipped), "moe": moe_health(result.expert_counts, result.layer_stats),
             }
             logger.log(record)

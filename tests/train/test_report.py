@@ -43,7 +43,7 @@ def test_metrics_have_mfu_memory_data_share_and_moe_health_per_layer(run):
         expected_mfu = training_flops_per_token(cfg.model, cfg.train.seq_len) * r["tokens_per_s"] / 0.5e12
         assert r["mfu"] == pytest.approx(expected_mfu, rel=0.02)
         assert 0.01 < r["memory_gib"] < 24 and 0 <= r["data_time_share"] < 1
-        assert r["tokens_by_modality"] == {"text": r["tokens"]}
+        assert r["tokens_by_modality"] == {"text": r["tokens"], "image": 0, "time_series": 0}
         moe = r["moe"]
         assert len(moe["tokens_per_expert"]) == cfg.model.layers
         for layer in moe["tokens_per_expert"]:  # every token goes to exactly top_k experts

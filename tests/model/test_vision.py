@@ -1,0 +1,45 @@
+"""Vision encoder: `python -m pytest tests/model/test_vision.py`."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scimoe.model.vision import INTERN_S1_PRO_VISION, VisionConfig, VisionEncoder, image_token_count, native_size
+
+
+@pytest.mark.parametrize("height,width,expected", [
+    (32, 32, (32, 32)), (64, 96, (64, 96)), (480, 640, (480, 640)), (33, 1000, (32, 992)), (5, 5, (32, 32)),
+    (4000, 3000, (1152, 864)),  # over the pixel budget: scaled down, aspect ratio kept
+])
+def test_native_size_keeps_aspect_and_rounds_to_32(height, width, expected):
+    assert native_size(height, width) == expected
+    h, w = expected
+    assert h % 32 == 0 and w % 32 == 0 and h * w <= 1024 * 1024
+
+
+def test_any_image_size_gives_one_vector_per_32x32_pixels():
+    torch.manual_seed(0)
+    encoder = VisionEncoder(VisionConfig(), lm_hidden=48)
+    for h, w in [(32, 32), (64, 96), (96, 64), (224, 160)]:
+        out = encoder(torch.randn(3, h, w))
+        assert out.shape == (image_token_count(h, w), 48) == ((h // 32) * (w // 32), 48)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        encoder(torch.randn(3, 40, 32))
+
+
+def test_position_information_reaches_the_output():
+    """2-D RoPE and the interpolated grid: the same content at another place gives another output."""
+    torch.manual_seed(0)
+    encoder = VisionEncoder(VisionConfig(), lm_hidden=16)
+    tile = torch.randn(3, 32, 32)
+    image = torch.cat([tile, tile], dim=2)  # two identical 32×32 tiles side by side → 2 tokens
+    out = encoder(image)
+    assert not torch.allclose(out[0], out[1], atol=1e-4)
+
+
+def test_the_intern_s1_pro_preset_has_the_published_sizes():
+    assert (INTERN_S1_PRO_VISION.hidden, INTERN_S1_PRO_VISION.layers, INTERN_S1_PRO_VISION.heads) == (1024, 24, 16)
+    with torch.device("meta"):
+        encoder = VisionEncoder(INTERN_S1_PRO_VISION, lm_hidden=4096)
+    blocks = sum(p.numel() for p in encoder.blocks.parameters())
+    assert blocks == 24 * (2 * 2 * 1024 + 3 * 1024 * 1024 + 3 * 1024 + 1024 * 1024 + 1024 + 2 * 1024 * 4096 + 4096 + 1024)

@@ -5,7 +5,8 @@ from scimoe.data.packing import PackedRows
 from scimoe.registry import resolve_target
 
 SOURCES = {"text": "scimoe.data.text.text_rows", "synthetic": "scimoe.data.synthetic.synthetic_rows",
-           "sft": "scimoe.data.sft.sft_rows", "multimodal": "scimoe.data.multimodal.multimodal_rows"}
+           "sft": "scimoe.data.sft.sft_rows", "multimodal": "scimoe.data.multimodal.multimodal_rows",
+           "indexed": "scimoe.data.indexed.indexed_rows"}
 
 
 def build_rows(cfg, run_dir: str) -> PackedRows:

@@ -120,3 +120,36 @@ def test_each_ranks_batches_after_resume_equal_the_uninterrupted_ones(fixture, t
                 assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
                 assert len(a["images"]) == len(b["images"]) and all(torch.equal(x, y) for x, y in zip(a["images"], b["images"]))
                 assert all(torch.equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a["series"], b["series"]))
+
+
+def test_parquet_records_read_like_jsonl(fixture, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = [json.loads(line) for line in open(fixture) if line.strip().startswith('{"segments"')][:6]
+    for record in lines:  # parquet holds paths relative to itself: point them at the fixture folder
+        for seg in record["segments"]:
+            if "path" in seg:
+                seg["path"] = str(__import__("pathlib").Path(fixture).parent / seg["path"])
+    pq.write_table(pa.table({"segments": [json.dumps(r["segments"]) for r in lines]}), str(tmp_path / "s.parquet"))
+    report = DataReport()
+    docs = read_records(str(tmp_path / "s.parquet"), streaming=False, report=report)
+    want = read_records(fixture, streaming=False, report=DataReport())[:6]
+    assert report.bad == [] and len(docs) == 6
+    assert [k for k, _ in docs[0].parts] == [k for k, _ in want[0].parts]
+    assert all(torch.equal(a, b) for a, b in zip(docs[0].images, want[0].images))
+
+
+def test_frozen_encoders_do_not_train(fixture, tmp_path):
+    from scimoe.train.pretrain import pretrain
+
+    cfg = _cfg(fixture)
+    cfg.model.vision.freeze = cfg.model.timeseries.freeze = True
+    cfg.model.zero_init_output = False
+    cfg.train.steps, cfg.logger.kind = 2, "none"
+    run = pretrain(cfg, str(tmp_path), gather_final_weights=True)
+    fresh = build_model(cfg.model, seed=cfg.train.seed).state_dict()
+    for name, value in run.final_weights.items():
+        if name.startswith(("vision.", "timeseries.")):
+            assert torch.equal(value, fresh[name]), name
+    assert not torch.equal(run.final_weights["lm_head.weight"], fresh["lm_head.weight"])

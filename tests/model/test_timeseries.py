@@ -63,20 +63,20 @@ def test_bad_signals_are_refused(encoder):
         encoder(torch.zeros(0, 2), 1.0)
 
 
-def test_a_million_points_encode_in_bounded_memory(tmp_path):
-    """Peak resident memory of a fresh process encoding 10^5 and 10^6 points (chunked): the 10^6 run
-    must stay within 300 MiB above the model's baseline, and grow at most linearly from 10^5."""
+def test_a_million_points_encode_in_bounded_memory():
+    """Peak resident memory above the starting point while encoding 10^5 and 10^6 points (chunked): the
+    10^6 run stays within 300 MiB (measured: 63 MiB at 10^5, 180 MiB at 10^6), and grows far less than 10×
+    from 10^5 (the chunks bound it)."""
     script = (
-        "import json, resource, sys, torch\n"
+        "import json, sys, torch\n"
         "from scimoe.model.timeseries import TimeSeriesConfig, TimeSeriesEncoder\n"
+        "from tests.peak_memory import peak_rss_during\n"
         "torch.manual_seed(0); torch.set_num_threads(2)\n"
         "enc = TimeSeriesEncoder(TimeSeriesConfig(), 128).eval()\n"
         "x = torch.randn(int(sys.argv[1]), 1)\n"
         "with torch.no_grad(): enc(torch.randn(2000, 1), 1000.0)\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "with torch.no_grad(): out = enc(x, 1000.0)\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print(json.dumps({'tokens': out.shape[0], 'extra_kib': peak - base}))\n")
+        "with torch.no_grad(): out, extra = peak_rss_during(lambda: enc(x, 1000.0))\n"
+        "print(json.dumps({'tokens': out.shape[0], 'extra_mib': extra / 2**20}))\n")
     runs = {}
     for n in (100_000, 1_000_000):
         out = subprocess.run([sys.executable, "-c", script, str(n)], capture_output=True, text=True, timeout=600,
@@ -84,6 +84,5 @@ def test_a_million_points_encode_in_bounded_memory(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         runs[n] = json.loads(out.stdout.strip().splitlines()[-1])
     assert runs[1_000_000]["tokens"] == 1573
-    extra = runs[1_000_000]["extra_kib"] / 1024
-    assert extra < 300, runs
-    assert runs[1_000_000]["extra_kib"] <= 10 * runs[100_000]["extra_kib"] + 64 * 1024, runs
+    assert runs[1_000_000]["extra_mib"] < 300, runs
+    assert runs[1_000_000]["extra_mib"] < 5 * runs[100_000]["extra_mib"] + 32, runs

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from scimoe.data.tokenizer import EOS, load_tokenizer, train_bpe
+from scimoe.data.tokenizer import EOS, load_tokenizer, train_bpe, run_tokenizer_path
 from scimoe.model.timeseries import ts_token_count
 from scimoe.model.vision import image_token_count, native_size
 
@@ -259,7 +259,7 @@ def multimodal_rows(cfg, run_dir: str) -> MultimodalRows:
         raise ValueError(f"{len(report.bad)} of {total} records of {cfg.data.path} are bad (first: {report.bad[0]}), "
                          f"more than data.max_bad_fraction={cfg.data.max_bad_fraction}")
     saved = os.path.join(run_dir, "tokenizer.json")
-    path = cfg.data.tokenizer or (saved if os.path.exists(saved) else None)
+    path = run_tokenizer_path(cfg, run_dir)
     if path:
         tok = load_tokenizer(path, cfg.model.vocab_size)
     else:

@@ -19,7 +19,7 @@ import torch
 
 from scimoe.data import chat
 from scimoe.data.packing import PackedRows
-from scimoe.data.tokenizer import EOS, load_tokenizer, train_bpe
+from scimoe.data.tokenizer import EOS, load_tokenizer, train_bpe, run_tokenizer_path
 
 log = logging.getLogger("scimoe")
 
@@ -126,7 +126,7 @@ def sft_rows(cfg, run_dir: str) -> PackedRows:
         records = synthetic_conversations(cfg.data.synthetic_rows, cfg.train.seed)
     segments = [chat.render(r["messages"], r.get("tools"), r.get("thinking", cfg.sft.thinking)) for r in records]
     saved = os.path.join(run_dir, "tokenizer.json")
-    path = cfg.data.tokenizer or (saved if os.path.exists(saved) else None)
+    path = run_tokenizer_path(cfg, run_dir)
     if path:
         tok = load_tokenizer(path, cfg.model.vocab_size)
     else:

@@ -9,7 +9,7 @@ import os
 from importlib import resources
 
 from scimoe.data.packing import PackedRows, pack_documents
-from scimoe.data.tokenizer import EOS, load_tokenizer, train_bpe
+from scimoe.data.tokenizer import EOS, load_tokenizer, train_bpe, run_tokenizer_path
 
 
 def bundled_corpus_path() -> str:
@@ -37,7 +37,7 @@ def text_rows(cfg, run_dir: str) -> PackedRows:
     """
     docs = read_documents(cfg.data.path or bundled_corpus_path())
     saved = os.path.join(run_dir, "tokenizer.json")
-    path = cfg.data.tokenizer or (saved if os.path.exists(saved) else None)
+    path = run_tokenizer_path(cfg, run_dir)
     if path:
         tok = load_tokenizer(path, cfg.model.vocab_size)
     else:

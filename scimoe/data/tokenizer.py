@@ -33,3 +33,17 @@ def load_tokenizer(path: str, vocab_size: int) -> Tokenizer:
     if tok.token_to_id(EOS) is None:
         raise ValueError(f"tokenizer {path} has no {EOS} token")
     return tok
+
+
+def run_tokenizer_path(cfg, run_dir: str) -> str | None:
+    """The tokenizer a data source must load: `data.tokenizer`, else the run folder's own (a resumed run
+    keeps its ids), else None (train one). Starting from `checkpoint.init_weights` without either is an
+    error: those weights only make sense with the tokenizer they were trained with."""
+    import os
+
+    saved = os.path.join(run_dir, "tokenizer.json")
+    path = cfg.data.tokenizer or (saved if os.path.exists(saved) else None)
+    if path is None and cfg.checkpoint.init_weights:
+        raise ValueError("config error at 'data.tokenizer': checkpoint.init_weights needs the tokenizer those "
+                         "weights were trained with (e.g. data.tokenizer=PRETRAIN_RUN/tokenizer.json)")
+    return path

@@ -56,6 +56,7 @@ def token_logprobs(model: MoETransformer, rollouts: list[Rollout], temperature: 
 def grpo(cfg: Config, run_dir: str) -> list[dict]:
     g = cfg.grpo
     dims = dims_from_env(cfg.parallel)
+    os.makedirs(run_dir, exist_ok=True)
     if dims.tp * dims.pp * dims.ep > 1:
         raise NotImplementedError("recipe=grpo runs data-parallel only for now (parallel.tp/pp/ep must be 1)")
     runtime = make_runtime(dims, init_process_groups(dims))

@@ -89,6 +89,7 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
     `initial_state` (a full single-process state dict) replaces the seeded initial weights.
     """
     dims = dims or dims_from_env(cfg.parallel)
+    os.makedirs(run_dir, exist_ok=True)
     dims.check_model(cfg.model.moe.num_experts, cfg.model.layers, cfg.model.moe.n_groups)
     groups = init_process_groups(dims)
     runtime = make_runtime(dims, groups, cfg.parallel.pp_layers, cfg.parallel.pp_virtual,

@@ -104,9 +104,14 @@ def test_training_starts_from_an_imported_folder_through_the_command_line_tools(
         checkpoint.load(start, build_model(cfg.model), None)
     fresh = tiny_config(steps=2)
     fresh.checkpoint.init_weights = start
+    with pytest.raises(ValueError, match="data.tokenizer"):  # the weights' tokenizer must come with them
+        pretrain(fresh, str(tmp_path / "no_tokenizer"))
+    fresh.data.tokenizer = str(tmp_path / "run" / "tokenizer.json")
     from_import = pretrain(fresh, str(tmp_path / "finetune")).records
     # The same as starting from the trained weights in memory, and not like a fresh start.
-    direct = pretrain(tiny_config(steps=2), str(tmp_path / "direct"), initial_state=_state(path)).records
+    same_data = tiny_config(steps=2)
+    same_data.data.tokenizer = fresh.data.tokenizer
+    direct = pretrain(same_data, str(tmp_path / "direct"), initial_state=_state(path)).records
     scratch = pretrain(tiny_config(steps=2), str(tmp_path / "scratch")).records
     assert [r["loss"] for r in from_import] == [r["loss"] for r in direct]
     assert from_import[0]["loss"] != scratch[0]["loss"]

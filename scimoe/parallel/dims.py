@@ -24,6 +24,9 @@ class ParallelDims:
         if self.world_size % model_parallel:
             raise ValueError(f"world size {self.world_size} is not divisible by parallel.tp × parallel.pp "
                              f"({self.tp} × {self.pp})")
+        if self.etp not in (1, self.tp):
+            raise ValueError(f"parallel.etp ({self.etp}) must be 1 or equal parallel.tp ({self.tp}): each expert is "
+                             "split over the ranks that already share its tokens")
         expert_grid = self.ep * self.etp * self.pp
         if self.world_size % expert_grid:
             raise ValueError(f"world size {self.world_size} is not divisible by parallel.ep × parallel.etp × "

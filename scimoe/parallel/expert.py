@@ -124,6 +124,57 @@ def apply_expert_parallel(model: MoETransformer, group, ep_rank: int, ep_size: i
         moe.dispatcher = ExpertParallelDispatcher(experts.num_experts * ep_size, group, ep_rank, ep_size)
 
 
+class _SumOverGroup(torch.autograd.Function):
+    """Forward: sum over the group (the partial outputs of an expert split over etp). Backward: identity
+    (each rank's shard needs the full upstream gradient), as megatron's reduce_from_tensor_model_parallel_region."""
+
+    @staticmethod
+    def forward(ctx, x, group):  # noqa: D102
+        out = x.contiguous().clone()
+        torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad, None
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Forward: identity. Backward: sum over the group (each etp rank's shard gives part of dL/dx), as
+    megatron's copy_to_tensor_model_parallel_region."""
+
+    @staticmethod
+    def forward(ctx, x, group):  # noqa: D102
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        out = grad.contiguous().clone()
+        torch.distributed.all_reduce(out, group=ctx.group)
+        return out, None
+
+
+def apply_expert_tensor_parallel(model: MoETransformer, group, etp_rank: int, etp_size: int) -> None:
+    """Split every expert's hidden width F over the etp ranks: gate and up rows (column-parallel), down's
+    columns (row-parallel); the experts' partial outputs are summed over the group before the combine."""
+    if etp_size == 1:
+        return
+    for moe in model.moe_layers():
+        experts = moe.experts
+        f = experts.down_proj.shape[2]
+        if f % etp_size:
+            raise ValueError(f"model.moe.ffn_hidden ({f}) must be divisible by parallel.etp ({etp_size})")
+        part = slice(etp_rank * f // etp_size, (etp_rank + 1) * f // etp_size)
+        gate, up = experts.gate_up_proj.detach().split(f, dim=1)
+        experts.gate_up_proj = torch.nn.Parameter(torch.cat([gate[:, part], up[:, part]], dim=1).clone())
+        experts.down_proj = torch.nn.Parameter(experts.down_proj.detach()[:, :, part].clone())
+        for p in experts.parameters():
+            p.expert_tensor_parallel = True
+        moe.expert_input_copy = lambda x, group=group: _CopyToGroup.apply(x, group)
+        moe.expert_output_reduce = lambda y, group=group: _SumOverGroup.apply(y, group)
+
+
 def expert_parameters(model: MoETransformer) -> list[torch.nn.Parameter]:
     """Parameters sharded over ep (reduced over expert-dp); everything else is dense (reduced over dp)."""
     return [p for moe in model.moe_layers() for p in moe.experts.parameters()]

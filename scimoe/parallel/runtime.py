@@ -20,9 +20,10 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from scimoe.model import MoETransformer
 from scimoe.parallel.deepspeed_groups import register_with_deepspeed
 from scimoe.parallel.dims import ParallelDims
-from scimoe.parallel.expert import TokenSplit, apply_expert_parallel, expert_parameters
+from scimoe.parallel.expert import TokenSplit, apply_expert_parallel, apply_expert_tensor_parallel, expert_parameters
 from scimoe.parallel.pipeline import build_chunks, megatron_pipeline_config, pipeline_forward_backward
 from scimoe.parallel.state import Groups
+from scimoe.train.shards import Shard
 from scimoe.parallel.tensor import (apply_tensor_parallel, gather_tensor_parallel, is_tensor_parallel,
                                     partial_grad_parameters)
 
@@ -123,7 +124,7 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], group) -> None:
 
 
 class DistributedRuntime(Runtime):
-    """Tensor, pipeline, expert and data parallelism (expert tensor parallelism is not built yet)."""
+    """Tensor, pipeline, expert (and expert tensor, etp = tp) and data parallelism."""
 
     def __init__(self, dims: ParallelDims, groups: Groups, pp_layers: list[int] | None = None,
                  pp_virtual: int = 1, sequence_parallel: bool = False) -> None:
@@ -137,9 +138,12 @@ class DistributedRuntime(Runtime):
     def prepare(self, model: MoETransformer) -> None:
         apply_tensor_parallel(model, self.groups.tp, self.groups.tp_rank, self.dims.tp)
         apply_expert_parallel(model, self.groups.ep, self.groups.ep_rank, self.dims.ep)
+        apply_expert_tensor_parallel(model, self.groups.etp, self.groups.etp_rank, self.dims.etp)
         if self.dims.ep > 1:
             register_with_deepspeed(self.dims, self.groups, expert_parameters(model))
         self.sequence_parallel = self.sequence_parallel and self.dims.tp > 1
+        if self.sequence_parallel and self.dims.etp > 1:
+            raise NotImplementedError("parallel.sequence_parallel with parallel.etp > 1 is not built yet")
         if self.sequence_parallel:
             if self.dims.pp > 1:
                 raise NotImplementedError("parallel.sequence_parallel with parallel.pp > 1 is not built yet")
@@ -149,12 +153,12 @@ class DistributedRuntime(Runtime):
                 layer.sequence_shards = shards
             for moe in model.moe_layers():
                 moe.sequence_reduce = lambda t: _all_reduced(t, self.groups.tp)
-        elif self.dims.tp > 1 and self.dims.ep > 1:  # megatron's tp×ep layout: tp ranks route token shares
+        elif self.dims.tp > 1 and self.dims.ep > 1 and self.dims.etp == 1:  # megatron's tp×ep: tp ranks route token shares
             split = TokenSplit(self.groups.tp, self.groups.tp_rank, self.dims.tp)
             for moe in model.moe_layers():
                 moe.token_split = split
         # Tokens differ across tp ranks in the MoE blocks (sequence shards or tp×ep token shares).
-        self.tokens_split_over_tp = self.sequence_parallel or (self.dims.tp > 1 and self.dims.ep > 1)
+        self.tokens_split_over_tp = self.sequence_parallel or (self.dims.tp > 1 and self.dims.ep > 1 and self.dims.etp == 1)
         stats_group = self.groups.tp_dp if self.tokens_split_over_tp else self.groups.dp
         self.stats_reduce = lambda t: _all_reduced(t, stats_group)
         self.chunks = None
@@ -256,13 +260,16 @@ class DistributedRuntime(Runtime):
             return torch.tensor(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None),
                                 dtype=torch.float64)
 
-        tp_sq = sq([p for p in dense if is_tensor_parallel(p)])
+        split_over_tp = lambda p: is_tensor_parallel(p) or getattr(p, "expert_tensor_parallel", False)  # noqa: E731
+        tp_sq = sq([p for p in dense if split_over_tp(p)])  # etp shards (etp = tp) are distinct per tp rank too
         if self.dims.tp > 1:
             tp_sq = _all_reduced(tp_sq, self.groups.tp)
         expert_sq = sq(experts)
         if self.dims.ep > 1:
             expert_sq = _all_reduced(expert_sq, self.groups.ep)
-        stage_sq = sq([p for p in dense if not is_tensor_parallel(p)]) + tp_sq + expert_sq
+        if experts and self.dims.etp > 1:
+            expert_sq = _all_reduced(expert_sq, self.groups.etp)
+        stage_sq = sq([p for p in dense if not split_over_tp(p)]) + tp_sq + expert_sq
         if self.dims.pp > 1:
             stage_sq = _all_reduced(stage_sq, self.groups.pp)
         total = float(torch.sqrt(stage_sq))
@@ -279,6 +286,15 @@ class DistributedRuntime(Runtime):
         state = super().full_state_dict(model)
         if self.dims.tp > 1:
             state = gather_tensor_parallel(model, state, self.groups.tp, self.dims.tp)
+        if self.dims.etp > 1:  # each rank holds an F/etp slice of every expert: gate and up halves, down columns
+            for name in [k for k in state if k.endswith(("gate_up_proj", "down_proj")) and ".experts." in k]:
+                parts = [torch.empty_like(state[name]) for _ in range(self.dims.etp)]
+                dist.all_gather(parts, state[name].contiguous(), group=self.groups.etp)
+                if name.endswith("down_proj"):
+                    state[name] = torch.cat(parts, dim=2)
+                else:
+                    halves = [p.chunk(2, dim=1) for p in parts]
+                    state[name] = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=1)
         if self.dims.ep > 1:
             for name in [k for k in state if k.endswith(("gate_up_proj", "down_proj")) and ".experts." in k]:
                 parts = [torch.empty_like(state[name]) for _ in range(self.dims.ep)]
@@ -290,15 +306,21 @@ class DistributedRuntime(Runtime):
             state = {k: v for stage_state in stages for k, v in stage_state.items()}
         return state
 
-    def shard_layout(self, model: MoETransformer) -> dict[str, tuple[int, int, int]]:
-        """TP shards (megatron's `partition_dim`) are slice tp_rank of tp; expert weights slice ep_rank of
-        ep along the expert axis. Pipeline stages keep the single-process names, so need no entry."""
-        layout = {name: (p.partition_dim, self.groups.tp_rank, self.dims.tp)
+    def shard_layout(self, model: MoETransformer) -> dict:
+        """TP shards (megatron's `partition_dim`) are slice tp_rank of tp; expert weights slice ep_rank of ep
+        along the expert axis and, under etp, slice etp_rank of their hidden width (gate_up: of its gate and
+        of its up half). Pipeline stages keep the single-process names, so need no entry."""
+        layout = {name: Shard(((p.partition_dim, self.groups.tp_rank, self.dims.tp),))
                   for name, p in model.named_parameters() if is_tensor_parallel(p)}
-        if self.dims.ep > 1:
-            experts = {id(p) for p in expert_parameters(model)}
-            layout.update({name: (0, self.groups.ep_rank, self.dims.ep)
-                           for name, p in model.named_parameters() if id(p) in experts})
+        experts = {id(p) for p in expert_parameters(model)}
+        for name, p in model.named_parameters():
+            if id(p) not in experts or (self.dims.ep == 1 and self.dims.etp == 1):
+                continue
+            splits = [(0, self.groups.ep_rank, self.dims.ep)] if self.dims.ep > 1 else []
+            glu = name.endswith("gate_up_proj")
+            if self.dims.etp > 1:
+                splits.append((1 if glu else 2, self.groups.etp_rank, self.dims.etp))
+            layout[name] = Shard(tuple(splits), glu_dim=1 if glu and self.dims.etp > 1 else None)
         return layout
 
     def all_gather_object(self, obj) -> list:

@@ -36,6 +36,9 @@ class Groups:
     """Ranks holding replicas of the same expert shard."""
     dp_rank: int = 0
     ep_rank: int = 0
+    etp: Any = None
+    """Ranks that split each expert's hidden width (expert tensor parallel; the tp group when etp = tp)."""
+    etp_rank: int = 0
 
 
 def dims_from_env(parallel) -> ParallelDims:
@@ -53,8 +56,6 @@ def init_process_groups(dims: ParallelDims) -> Groups:
     """Start torch.distributed (gloo on CPU, NCCL on GPUs) and megatron-core's groups for `dims`."""
     if dims.is_single_process:
         return Groups()
-    if dims.etp > 1:
-        raise NotImplementedError(f"{dims.describe()}: expert tensor parallelism (parallel.etp > 1) is not built yet")
     if not torch.cuda.is_available():
         from scimoe.parallel.cpu_shim import apply_cpu_shim
 
@@ -75,7 +76,8 @@ def init_process_groups(dims: ParallelDims) -> Groups:
                   pp_rank=ps.get_pipeline_model_parallel_rank(), tp_dp=ps.get_tensor_and_data_parallel_group(),
                   ep=ps.get_expert_model_parallel_group(),
                   expert_dp=ps.get_expert_data_parallel_group(), dp_rank=ps.get_data_parallel_rank(),
-                  ep_rank=ps.get_expert_model_parallel_rank())
+                  ep_rank=ps.get_expert_model_parallel_rank(), etp=ps.get_expert_tensor_parallel_group(),
+                  etp_rank=ps.get_expert_tensor_parallel_rank())
 
 
 def rank_grid(dims: ParallelDims, coordinates: list[dict[str, int]]) -> str:

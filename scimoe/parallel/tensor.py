@@ -4,9 +4,10 @@ Tested by `tests/distributed/test_parity.py` (tp2 and tp2×dp2 against one proce
 torchtitan's pattern, the full model is initialised as on one process and then sharded: q/k/v and the
 LM head become ColumnParallelLinear (heads / vocabulary split), o_proj RowParallelLinear, the token
 embedding VocabParallelEmbedding, the LM loss megatron's vocab_parallel_cross_entropy, and FoPE's
-per-KV-head tables keep the local heads. The MoE blocks stay whole on every tensor-parallel rank
-(expert tensor parallelism, `parallel.etp`, is not built): their input is the replicated residual
-stream, so they compute the same values and gradients on each rank.
+per-KV-head tables keep the local heads. With `parallel.etp=1` the MoE blocks stay whole on every
+tensor-parallel rank (their input is the replicated residual stream, so they compute the same values and
+gradients on each rank); with `parallel.etp` = tp each expert's hidden width is split over the tp ranks
+instead (scimoe/parallel/expert.py: gate/up column-parallel, down row-parallel).
 """
 from __future__ import annotations
 

@@ -71,10 +71,10 @@ def layer_parameters(cfg: Config, moe_layer: bool) -> tuple[list[tuple[int, bool
     if not moe_layer:
         return dense + [(h * m.moe.dense_ffn_hidden, True)] * 3, []
     dense.append((m.moe.num_experts * h, True))  # router
-    local = m.moe.num_experts // ep
-    experts = [(local * 2 * m.moe.ffn_hidden * h, True), (local * h * m.moe.ffn_hidden, True)]
+    local, etp = m.moe.num_experts // ep, cfg.parallel.etp  # etp splits each expert's hidden width
+    experts = [(local * 2 * m.moe.ffn_hidden * h // etp, True), (local * h * m.moe.ffn_hidden // etp, True)]
     shared = [(h * m.moe.shared_expert_ffn, True)] * 3 if m.moe.shared_expert_ffn else []
-    return (dense + shared, experts) if ep > 1 else (dense + experts + shared, [])
+    return (dense + shared, experts) if ep > 1 else (dense + experts + shared, [])  # ep=1: experts reduce over dp
 
 
 def zero_adam_bytes(params: list[tuple[int, bool]], ranks: int) -> list[int]:
@@ -102,8 +102,9 @@ def activation_elements_per_token(cfg: Config, moe_layer: bool) -> float:
         return attention + (3 * h + 1 + 4 * m.moe.dense_ffn_hidden) * share
     k = m.moe.top_k
     # With tp × ep (no SP) each tp rank routes its 1/tp share of the tokens (megatron's layout).
-    routed_share = 1 / tp if cfg.parallel.ep > 1 and not cfg.parallel.sequence_parallel else share
-    routed = 2 * m.moe.num_experts + 10 * k + 3 * k * h + 4 * k * m.moe.ffn_hidden
+    etp = cfg.parallel.etp
+    routed_share = 1 / tp if cfg.parallel.ep > 1 and etp == 1 and not cfg.parallel.sequence_parallel else share
+    routed = 2 * m.moe.num_experts + 10 * k + 3 * k * h + 4 * k * m.moe.ffn_hidden / etp
     return attention + (3 * h + 1 + 4 * m.moe.shared_expert_ffn) * share + routed * routed_share
 
 
@@ -112,7 +113,8 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     m, par, train = cfg.model, cfg.parallel, cfg.train
     tp, pp, ep = par.tp, par.pp, par.ep
     dp = world_size // (tp * pp)
-    expert_dp = max(1, tp * dp // ep)  # megatron's expert groups span tp (expert tensor parallelism is 1)
+    etp = par.etp
+    expert_dp = max(1, tp * dp // (ep * etp))  # megatron's expert groups span tp: tp·dp = etp·ep·expert-dp
     stages = pp * par.pp_virtual
     tokens = train.micro_batch * train.seq_len
     act_bytes = 4.0 if train.dtype == "fp32" else 2.5
@@ -140,9 +142,9 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
         s.params_bytes = s.grads_bytes = 4 * (s.dense_params + s.expert_params)
         dense_adam = zero_adam_bytes(dense, dp if par.zero else 1)
         expert_adam = zero_adam_bytes(experts, expert_dp if par.zero else 1)
-        # megatron's rank order: tp fastest (dp rank r // tp); ep before expert-dp (expert-dp rank r // ep)
-        s.optimizer_bytes_per_rank = [dense_adam[r // tp if par.zero else 0] + expert_adam[r // ep if par.zero else 0]
-                                      for r in range(tp * dp)]
+        # megatron's rank order: tp fastest (dp rank r // tp); etp, ep, then expert-dp (rank r // (etp·ep))
+        s.optimizer_bytes_per_rank = [dense_adam[r // tp if par.zero else 0] +
+                                      expert_adam[r // (ep * etp) if par.zero else 0] for r in range(tp * dp)]
         s.optimizer_bytes = max(s.optimizer_bytes_per_rank)
         s.activation_bytes_per_microbatch = int(act * tokens * act_bytes)
         per_layer = max(activation_elements_per_token(cfg, i >= m.moe.dense_layers) for i in layer_ids)

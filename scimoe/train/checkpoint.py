@@ -84,8 +84,8 @@ def _entries(model: torch.nn.Module, optimizer: Any, layout: dict) -> tuple[dict
     """This rank's model and optimizer entries {key: (name, tensor, placement)}."""
     model_entries = {}
     for name, t in tensor_state(model).items():
-        where = shards.placement(t, layout.get(name))
-        model_entries[shards.entry_key(name, where)] = (name, t, where)
+        for view, where in shards.pieces(t, layout.get(name)):
+            model_entries[shards.entry_key(name, where)] = (name, view, where)
     names = {id(p): n for n, p in model.named_parameters()}
     optim_entries = {}
     for param, state in (optimizer.parameter_states() if optimizer is not None else []):
@@ -94,8 +94,8 @@ def _entries(model: torch.nn.Module, optimizer: Any, layout: dict) -> tuple[dict
             if not isinstance(t, torch.Tensor):
                 continue
             name = f"{pname}::{field}"
-            where = shards.placement(t, layout.get(pname) if t.shape == param.shape else None)
-            optim_entries[shards.entry_key(name, where)] = (name, t, where)
+            for view, where in shards.pieces(t, layout.get(pname) if t.shape == param.shape else None):
+                optim_entries[shards.entry_key(name, where)] = (name, view, where)
     return model_entries, optim_entries
 
 
@@ -267,8 +267,7 @@ def _load_model(index: shards.ShardIndex, model: torch.nn.Module, layout: dict, 
     if missing:
         raise ValueError(f"checkpoint {path} does not fit the model: it lacks {missing[:5]}"
                          f"{' and more' if len(missing) > 5 else ''}")
-    weights = {name: index.read(name, shards.placement(t, layout.get(name)), tuple(t.shape))
-               for name, t in local.items()}
+    weights = {name: shards.read_local(index, name, tuple(t.shape), layout.get(name)) for name, t in local.items()}
     model.load_state_dict(weights, strict=False)  # non-tensor entries (megatron's _extra_state) stay
 
 
@@ -292,9 +291,11 @@ def load(path: str, model: torch.nn.Module, optimizer: Any, runtime: Any = None,
             continue  # saved before this parameter's first update
         state = {}
         for field in fields:
-            shape = tuple(param.shape) if field != "step" else ()
-            where = shards.placement(param.detach(), layout.get(name)) if field != "step" else shards.placement(torch.zeros(()), None)
-            state[field] = index.read(f"{name}::{field}", where, shape).to(param.device if field != "step" else "cpu")
+            if field == "step":
+                state[field] = index.read(f"{name}::step", shards.placement(torch.zeros(()), None), ())
+            else:
+                state[field] = shards.read_local(index, f"{name}::{field}", tuple(param.shape),
+                                                 layout.get(name)).to(param.device)
         optimizer.set_parameter_state(param, state)
     same_world = marker.get("world", 1) == world
     own = os.path.join(path, f"train_state_rank{rank if same_world else 0:05d}.pt")

@@ -39,6 +39,44 @@ def placement(local: torch.Tensor, shard: tuple[int, int, int] | None) -> Placem
     return Placement(tuple(shape), tuple(offsets))
 
 
+@dataclass(frozen=True)
+class Shard:
+    """How a local tensor was cut from the global one: slice `index` of `parts` equal slices along each
+    `dim` of `splits`; with `glu_dim`, that dimension holds two halves (SwiGLU's gate and up rows) each
+    cut the same way, so the local tensor is two pieces of the global one."""
+
+    splits: tuple[tuple[int, int, int], ...]
+    glu_dim: int | None = None
+
+
+def pieces(local: torch.Tensor, shard: Shard | tuple[int, int, int] | None) -> list[tuple[torch.Tensor, Placement]]:
+    """The contiguous pieces of `local` with their placements in the global tensor."""
+    if shard is None or isinstance(shard, tuple):
+        return [(local, placement(local, shard))]
+    shape, offsets = list(local.shape), [0] * local.dim()
+    for dim, index, parts in shard.splits:
+        offsets[dim] = index * shape[dim]
+        shape[dim] *= parts
+    if shard.glu_dim is None:
+        return [(local, Placement(tuple(shape), tuple(offsets)))]
+    d = shard.glu_dim
+    half_local = local.shape[d] // 2
+    parts = next((p for dim, _, p in shard.splits if dim == d), 1)
+    out = []
+    for h, half in enumerate(local.split(half_local, dim=d)):
+        where = list(offsets)
+        where[d] = h * half_local * parts + offsets[d] // 2
+        out.append((half, Placement(tuple(shape), tuple(where))))
+    return out
+
+
+def read_local(index: "ShardIndex", name: str, local_shape: tuple[int, ...], shard) -> torch.Tensor:
+    """The local tensor of `name` for `shard`, assembled from the checkpoint's pieces."""
+    empty = torch.empty(local_shape, device="meta")
+    parts = [index.read(name, where, tuple(view.shape)) for view, where in pieces(empty, shard)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=shard.glu_dim)
+
+
 def entry_key(name: str, where: Placement) -> str:
     """Unique per slice: two ranks holding the same key hold replicas."""
     return name if not any(where.offsets) else f"{name}@{','.join(map(str, where.offsets))}"

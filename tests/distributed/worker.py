@@ -45,11 +45,13 @@ def run_parity(spec: dict, rank: int, world: int) -> dict:
         cfg.parallel.zero = layout.get("zero", 1)
         cfg.parallel.pp_virtual = layout.get("pp_virtual", 1)
         cfg.parallel.sequence_parallel = layout.get("sp", False)
+        cfg.parallel.etp = layout.get("etp", 1)
         cfg.checkpoint.every = layout.get("save_every", 0)
         first = layout.get("resume_step", 0)  # resume another layout's checkpoint at this step
         if first:
             cfg.checkpoint.resume = os.path.join(spec["workdir"], layout["resume_from"], "checkpoints", f"step_{first:08d}")
-        dims = ParallelDims(world_size=world, rank=rank, ep=layout["ep"], tp=layout.get("tp", 1), pp=layout.get("pp", 1))
+        dims = ParallelDims(world_size=world, rank=rank, ep=layout["ep"], tp=layout.get("tp", 1), pp=layout.get("pp", 1),
+                            etp=layout.get("etp", 1))
         # Balance terms are micro-batch statistics: the union over dp ranks of micro-batch m must be
         # the reference's micro-batch m, or the layouts compute different losses.
         assert layout["micro_batch"] * dims.dp == ref["micro_batch"], (layout, dims.dp, ref["micro_batch"])
@@ -192,7 +194,8 @@ def run_memory(spec: dict, rank: int, world: int) -> dict:
     out = {}
     for layout in spec["layouts"]:
         cfg = memory_config(**{k: v for k, v in layout.items() if k != "name"}, world=world)
-        dims = ParallelDims(world_size=world, rank=rank, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep)
+        dims = ParallelDims(world_size=world, rank=rank, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep,
+                            etp=cfg.parallel.etp)
         mine = measure(cfg, dims, os.path.join(spec["workdir"], layout["name"]))
         everyone = [None] * world
         dist.all_gather_object(everyone, mine)

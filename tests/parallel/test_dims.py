@@ -12,7 +12,8 @@ def test_data_parallel_is_what_tp_and_pp_leave():
 
 
 @pytest.mark.parametrize("kw, key", [({"world_size": 6, "tp": 4}, "parallel.tp"),
-                                     ({"world_size": 4, "ep": 3}, "parallel.ep")])
+                                     ({"world_size": 4, "ep": 3}, "parallel.ep"),
+                                     ({"world_size": 8, "tp": 4, "etp": 2}, "parallel.etp")])
 def test_world_size_must_fit_the_layout(kw, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         ParallelDims(**kw)

@@ -56,3 +56,23 @@ def test_missing_pieces_and_wrong_shapes_are_named(tmp_path):
 
 def test_replicas_are_written_by_the_lowest_rank_only():
     assert shards.choose_writers([["a", "b@2"], ["a", "c"], ["c"]]) == {"a": 0, "b@2": 0, "c": 1}
+
+
+def test_glu_weights_cut_over_expert_and_tensor_parallel_ranks_reassemble(tmp_path):
+    """gate_up [E, 2F, H] with gate rows first: an etp rank holds its F/etp slice of the gate and of the up
+    half, an ep rank its experts; four such ranks' pieces give back the full tensor, and any cut of it."""
+    full = torch.arange(4 * 8 * 2, dtype=torch.float32).view(4, 8, 2)  # E=4, F=4, H=2
+    files = []
+    for ep_rank in range(2):
+        for etp_rank in range(2):
+            experts = full[2 * ep_rank:2 * ep_rank + 2]
+            gate, up = experts[:, :4], experts[:, 4:]
+            local = torch.cat([gate[:, 2 * etp_rank:2 * etp_rank + 2], up[:, 2 * etp_rank:2 * etp_rank + 2]], dim=1)
+            shard = shards.Shard(((0, ep_rank, 2), (1, etp_rank, 2)), glu_dim=1)
+            entries = {shards.entry_key("w", where): ("w", view, where) for view, where in shards.pieces(local, shard)}
+            files.append(_write(tmp_path, f"r{ep_rank}{etp_rank}.safetensors", entries))
+    index = shards.ShardIndex(files)
+    assert torch.equal(index.full("w"), full)
+    one_rank = shards.Shard(((1, 1, 2),), glu_dim=1)  # etp2 rank 1, no ep: all experts
+    want = torch.cat([full[:, 2:4], full[:, 6:8]], dim=1)
+    assert torch.equal(shards.read_local(index, "w", (4, 4, 2), one_rank), want)

@@ -63,6 +63,9 @@ class MoELayer(nn.Module):
         self.sequence_reduce: Optional[losses.Reduce] = None
         """Sums per-sequence statistics over the ranks holding other positions of the same sequences
         (sequence parallelism); None when every rank holds whole sequences."""
+        self.expert_input_copy = self.expert_output_reduce = None
+        """Set by scimoe.parallel under expert tensor parallelism: the experts' input passes unchanged but its
+        gradient is summed over the etp ranks; their partial outputs are summed."""
         self.token_split = None
         """Set by scimoe.parallel when tensor- and expert-parallel ranks share tokens: an object with
         `parts`, `split(x)` (this rank's contiguous share of the rows) and `gather(y)` (all rows back)."""
@@ -83,7 +86,10 @@ class MoELayer(nn.Module):
         routed = torch.bincount(routing.indices.flatten(), minlength=self.cfg.num_experts)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         sent = self.dispatcher.dispatch(local.to(compute_dtype), routing.indices)
-        out = self.experts(sent.x, sent.counts)
+        expert_in = sent.x if self.expert_input_copy is None else self.expert_input_copy(sent.x)
+        out = self.experts(expert_in, sent.counts)
+        if self.expert_output_reduce is not None:
+            out = self.expert_output_reduce(out)
         y = self.dispatcher.combine(out, routing.weights, sent)
         if self.cfg.router_mode == "ste_ema":
             y = y + self._ema_gradient_path(routing).to(y.dtype)

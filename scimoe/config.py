@@ -96,8 +96,13 @@ class TimeSeriesModelConfig:
     patch_hidden: int = 32
     layers: int = 2
     heads: int = 4
+    patch_layers: int = 1
+    """Transformer layers of the per-patch encoder."""
     window: int = 1500
     """Frames per window of the Whisper-style encoder (bounds its attention)."""
+    chunk_elements: int = 1 << 23
+    """Bound on the per-patch attention scores held at once (patches × heads × positions²), which sets how
+    many patches are encoded together: ~32 MiB of fp32 scores whatever the signal length."""
     freeze: bool = False
 
 

@@ -16,11 +16,12 @@ by the chunk sizes, not the signal length (10^6 points measured in the test).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from scimoe.config import TimeSeriesModelConfig
 
 
 def ts_stride(sampling_rate: float) -> int:
@@ -42,18 +43,8 @@ def ts_token_count(length: int, sampling_rate: float, window: int = 1500) -> int
     return sum(math.ceil(math.ceil(f / 2) / 2) for f in frames)
 
 
-@dataclass
-class TimeSeriesConfig:
-    hidden: int = 64
-    patch_hidden: int = 32
-    patch_layers: int = 1
-    layers: int = 2
-    heads: int = 4
-    window: int = 1500
-    """Frames per window of the Whisper-style encoder (attention cost is per window)."""
-    chunk_elements: int = 1 << 23
-    """Bound on the per-patch attention scores held at once (patches × heads × positions²), which sets how
-    many patches step 2 encodes together: ~32 MiB of fp32 scores whatever the signal length."""
+TimeSeriesConfig = TimeSeriesModelConfig
+"""The encoder's sizes are `model.timeseries` (scimoe/config.py)."""
 
 
 def _sinusoids(length: int, dim: int, device) -> torch.Tensor:

@@ -16,8 +16,8 @@ from scimoe.model.attention import Attention, document_causal_mask
 from scimoe.model.moe.experts import GroupedExperts, SwiGLU
 from scimoe.model.moe.layer import MoEAux, MoELayer
 from scimoe.model.norm import RMSNorm
-from scimoe.model.timeseries import TimeSeriesConfig, TimeSeriesEncoder
-from scimoe.model.vision import VisionConfig, VisionEncoder
+from scimoe.model.timeseries import TimeSeriesEncoder
+from scimoe.model.vision import VisionEncoder
 from scimoe.model.rotary import FoPE, RoPE
 
 
@@ -83,12 +83,11 @@ class MoETransformer(nn.Module):
         self.vision = self.timeseries = None
         if cfg.vision.enabled:
             v = cfg.vision
-            self.vision = VisionEncoder(VisionConfig(v.hidden, v.layers, v.heads, v.mlp, v.grid), cfg.hidden)
+            self.vision = VisionEncoder(v, cfg.hidden)
             self.vision.requires_grad_(not v.freeze)
         if cfg.timeseries.enabled:
             t = cfg.timeseries
-            self.timeseries = TimeSeriesEncoder(TimeSeriesConfig(t.hidden, t.patch_hidden, 1, t.layers, t.heads, t.window),
-                                                cfg.hidden)
+            self.timeseries = TimeSeriesEncoder(t, cfg.hidden)
             self.timeseries.requires_grad_(not t.freeze)
         self.sequence_shards = None
         """Set by scimoe.parallel for sequence parallelism (see DecoderLayer.sequence_shards)."""

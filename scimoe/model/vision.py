@@ -10,26 +10,19 @@ it to the LM width. Images are encoded one at a time: no fixed tiling, no paddin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scimoe.config import VisionModelConfig
+
 PATCH, TEMPORAL, MERGE = 16, 2, 2
 
 
-@dataclass
-class VisionConfig:
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    mlp: int = 128
-    grid: int = 48
-    """Side of the learned position-embedding grid (interpolated to each image's patch grid)."""
-
-
-INTERN_S1_PRO_VISION = VisionConfig(hidden=1024, layers=24, heads=16, mlp=4096, grid=48)
+VisionConfig = VisionModelConfig
+"""The encoder's sizes are `model.vision` (scimoe/config.py)."""
+INTERN_S1_PRO_VISION = VisionModelConfig(enabled=True, hidden=1024, layers=24, heads=16, mlp=4096, grid=48)
 
 
 def native_size(height: int, width: int, min_pixels: int = 32 * 32, max_pixels: int = 1024 * 1024) -> tuple[int, int]:

@@ -56,6 +56,8 @@ class PipelineChunk(nn.Module):
         """Last stage: this micro-batch's share of the global LM loss; others: hidden states [s, b, h]."""
         if self.first:
             x = self.model.embed_tokens(mb["input_ids"])
+            if self.model.sequence_shards is not None:
+                x = self.model.sequence_shards.split(x)
         else:
             x = self.input_tensor.transpose(0, 1)
         x, auxes = self.model.run_layers(x, mb["positions"], self.layer_ids, aux_grad_scale=aux_grad_scale)
@@ -84,7 +86,7 @@ def build_chunks(model: MoETransformer, rank: int, pp: int, virtual: int, config
     return chunks
 
 
-def megatron_pipeline_config(model: MoETransformer, tp: int, pp: int, virtual: int = 1):
+def megatron_pipeline_config(model: MoETransformer, tp: int, pp: int, virtual: int = 1, sequence_parallel: bool = False):
     """The TransformerConfig megatron's schedule reads (tensor shapes, dtype, loss convention)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -94,7 +96,9 @@ def megatron_pipeline_config(model: MoETransformer, tp: int, pp: int, virtual: i
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
         # Our loss is already the global-token mean: the schedule must not divide it again.
         calculate_per_token_loss=True, batch_p2p_comm=False, use_cpu_initialization=True,
-        virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None)
+        virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None,
+        # stages then exchange [seq/tp, batch, hidden]: each tp rank its own positions
+        sequence_parallel=sequence_parallel)
 
 
 def pipeline_forward_backward(chunks: list[PipelineChunk], microbatches: list[dict[str, torch.Tensor]],

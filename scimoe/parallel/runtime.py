@@ -145,8 +145,6 @@ class DistributedRuntime(Runtime):
         if self.sequence_parallel and self.dims.etp > 1:
             raise NotImplementedError("parallel.sequence_parallel with parallel.etp > 1 is not built yet")
         if self.sequence_parallel:
-            if self.dims.pp > 1:
-                raise NotImplementedError("parallel.sequence_parallel with parallel.pp > 1 is not built yet")
             shards = TokenSplit(self.groups.tp, self.groups.tp_rank, self.dims.tp, dim=1)
             model.sequence_shards = shards
             for layer in model.layers:
@@ -163,7 +161,7 @@ class DistributedRuntime(Runtime):
         self.stats_reduce = lambda t: _all_reduced(t, stats_group)
         self.chunks = None
         if self.dims.pp > 1:
-            config = megatron_pipeline_config(model, self.dims.tp, self.dims.pp, self.pp_virtual)
+            config = megatron_pipeline_config(model, self.dims.tp, self.dims.pp, self.pp_virtual, self.sequence_parallel)
             self.chunks = build_chunks(model, self.groups.pp_rank, self.dims.pp, self.pp_virtual, config, self.pp_layers)
         for moe in model.moe_layers():
             moe.stats_reduce = self.stats_reduce

@@ -186,7 +186,8 @@ def test_four_rank_layouts_match_single_process(reference, tmp_path):
                 "resume_step": RESUME_AT},
                {"name": "tp2xep2_resumed", "tp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4,
                 "resume_from": "tp2xep2", "resume_step": RESUME_AT},
-               {"name": "tp2xep2_etp2", "tp": 2, "ep": 2, "etp": 2, "micro_batch": GLOBAL_BATCH // 4}]
+               {"name": "tp2xep2_etp2", "tp": 2, "ep": 2, "etp": 2, "micro_batch": GLOBAL_BATCH // 4},
+               {"name": "tp2xpp2_sp", "tp": 2, "pp": 2, "sp": True, "ep": 1, "micro_batch": GLOBAL_BATCH // 2}]
     memory = [{"name": "mem_ep2xdp2", "ep": 2}, {"name": "mem_tp2xep2", "tp": 2, "ep": 2},
               {"name": "mem_tp2xep2_etp2", "tp": 2, "ep": 2, "etp": 2},
               {"name": "mem_pp2xdp2_zero0", "pp": 2, "zero": 0}]
@@ -195,7 +196,8 @@ def test_four_rank_layouts_match_single_process(reference, tmp_path):
     for name, ranks in out["memory"].items():
         assert_memory_matches(name, ranks)
     _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4", "tp2xdp2", "pp2xdp2", "pp2xep2", "tp2xpp2", "tp2xep2",
-                                   "tp2xep2_sp", "ep4_from_ep2xdp2", "dp4_from_ep4", "tp2xep2_resumed", "tp2xep2_etp2"],
+                                   "tp2xep2_sp", "ep4_from_ep2xdp2", "dp4_from_ep4", "tp2xep2_resumed", "tp2xep2_etp2",
+                                   "tp2xpp2_sp"],
                    reference)
     _assert_resumed(out["parity"], reference, "ep4_from_ep2xdp2")  # ep2 → ep4 (dp2 → dp1)
     _assert_resumed(out["parity"], reference, "dp4_from_ep4")  # ep4 → ep1
@@ -217,9 +219,10 @@ def test_eight_rank_three_dimensional_layouts_match_single_process(reference, tm
                 "resume_from": "pp2xep2xdp2", "resume_step": RESUME_AT},
                {"name": "tp2xpp2xep2_from_pp2xep2xdp2", "tp": 2, "pp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4,
                 "resume_from": "pp2xep2xdp2", "resume_step": RESUME_AT},
-               {"name": "tp2xpp2xep2_etp2", "tp": 2, "pp": 2, "ep": 2, "etp": 2, "micro_batch": GLOBAL_BATCH // 4}]
+               {"name": "tp2xpp2xep2_etp2", "tp": 2, "pp": 2, "ep": 2, "etp": 2, "micro_batch": GLOBAL_BATCH // 4},
+               {"name": "tp2xpp2xep2_sp", "tp": 2, "pp": 2, "ep": 2, "sp": True, "micro_batch": GLOBAL_BATCH // 4}]
     out = launch(8, {"parity": dict(reference, layouts=layouts)}, tmp_path)
     _assert_parity(out["parity"], ["pp2xep2xdp2", "tp2xpp2xep2", "pp2xep2xdp2_resumed", "tp2xpp2xep2_from_pp2xep2xdp2",
-                                   "tp2xpp2xep2_etp2"], reference)
+                                   "tp2xpp2xep2_etp2", "tp2xpp2xep2_sp"], reference)
     _assert_resumed(out["parity"], reference, "pp2xep2xdp2_resumed", source="pp2xep2xdp2")  # 3-D: bitwise
     _assert_resumed(out["parity"], reference, "tp2xpp2xep2_from_pp2xep2xdp2")  # tp1→2, dp4→2: a 3-D change

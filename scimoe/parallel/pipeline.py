@@ -55,7 +55,7 @@ class PipelineChunk(nn.Module):
     def forward(self, mb: dict[str, torch.Tensor], label_tokens: int, aux_grad_scale: float) -> torch.Tensor:
         """Last stage: this micro-batch's share of the global LM loss; others: hidden states [s, b, h]."""
         if self.first:
-            x = self.model.embed_tokens(mb["input_ids"])
+            x = self.model.embed(mb["input_ids"], mb.get("images"), mb.get("series"))
             if self.model.sequence_shards is not None:
                 x = self.model.sequence_shards.split(x)
         else:
@@ -79,8 +79,8 @@ def build_chunks(model: MoETransformer, rank: int, pp: int, virtual: int, config
         if i not in keep:
             model.layers[i] = nn.Identity()
     chunks = [PipelineChunk(model, c * pp + rank, stages, ids[c], config) for c in range(virtual)]
-    if not chunks[0].first:
-        model.embed_tokens = None
+    if not chunks[0].first:  # the embedding and the vision / time-series encoders live on the first stage
+        model.embed_tokens = model.vision = model.timeseries = None
     if not chunks[-1].last:
         model.norm = model.lm_head = None
     return chunks

@@ -104,9 +104,9 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS on GPUs only
     torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
     model = build_model(cfg.model, seed=cfg.train.seed)
-    if (model.vision or model.timeseries) and (dims.tp > 1 or dims.pp > 1):
-        raise NotImplementedError("vision / time-series encoders run with data and expert parallelism only for now "
-                                  "(parallel.tp and parallel.pp must be 1)")
+    if (model.vision or model.timeseries) and cfg.parallel.sequence_parallel and dims.tp > 1:
+        raise NotImplementedError("vision / time-series encoders with parallel.sequence_parallel are not built yet "
+                                  "(the encoders' replicated gradients would be summed over tp)")
     if initial_state is not None:
         model.load_state_dict(initial_state)
     runtime.prepare(model)  # shard experts, hook statistics reductions

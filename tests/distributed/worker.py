@@ -186,6 +186,33 @@ def run_grad_norm(rank: int, world: int) -> dict:
             "deepspeed": deepspeed}
 
 
+def mm_config(fixture: str, micro_batch: int, **parallel) -> Config:
+    """The multimodal parity run: tiny_mm on the fixture, 4 steps, lr 1e-3 (see parity_config)."""
+    from scimoe.launch.slurm import compose_config
+
+    cfg = compose_config(["model=tiny_mm", "data=multimodal", f"data.path={fixture}", "data.max_bad_fraction=0.5",
+                          "train.seq_len=256", "train.global_batch=4", f"train.micro_batch={micro_batch}",
+                          "train.steps=4", "train.lr=1e-3", "train.warmup_steps=2", "train.grad_clip=0.5",
+                          "model.zero_init_output=false", "logger=none", "checkpoint.resume=never"])
+    for key, value in parallel.items():
+        setattr(cfg.parallel, key, value)
+    return cfg
+
+
+def run_mm_parity(spec: dict, rank: int, world: int) -> dict:
+    """tiny_mm (vision + time-series encoders) in each layout from the same initial weights."""
+    initial = load_file(spec["initial_weights"])
+    out = {}
+    for layout in spec["layouts"]:
+        par = {k: layout.get(k, 1) for k in ("tp", "pp", "ep")}
+        cfg = mm_config(spec["fixture"], layout["micro_batch"], **par)
+        dims = ParallelDims(world_size=world, rank=rank, **par)
+        run = pretrain(cfg, os.path.join(spec["workdir"], layout["name"]), dims=dims, initial_state=initial)
+        out[layout["name"]] = {"losses": [r["loss"] for r in run.records], "grad_norms": [r["grad_norm"] for r in run.records],
+                               "tokens": [r["tokens_by_modality"] for r in run.records]}
+    return out
+
+
 def run_memory(spec: dict, rank: int, world: int) -> dict:
     """Measured vs planned bytes on every rank for each layout of spec["memory"]."""
     from tests.distributed.memory_check import measure
@@ -212,6 +239,8 @@ def main() -> None:
         results["parity"] = run_parity(spec["parity"], rank, world)
     if spec.get("dispatch"):
         results["dispatch"] = run_dispatch(rank, world)
+    if "mm_parity" in spec:
+        results["mm_parity"] = run_mm_parity(spec["mm_parity"], rank, world)
     if "memory" in spec:
         results["memory"] = run_memory(spec["memory"], rank, world)
     if spec.get("grad_norm"):

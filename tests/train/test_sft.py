@@ -19,7 +19,7 @@ def test_sft_on_synthetic_chats_lowers_the_assistant_token_loss(tmp_path):
                  logger=LoggerConfig(kind="jsonl"))
     records = pretrain(cfg, str(tmp_path)).records
     first, last = records[0]["lm_loss"], sum(r["lm_loss"] for r in records[-5:]) / 5
-    # Measured: 5.95 → ~1.4 (the assistant spans of arithmetic chats are short and regular).
+    # Measured: 5.95 → 1.78 (mean of the last 5 steps; assistant spans of arithmetic chats are regular).
     assert last < 0.5 * first, (first, last)
     assert os.path.isdir(os.path.join(tmp_path, "checkpoints", "step_00000040"))
 

@@ -8,6 +8,7 @@ each has produced EOS or `max_new` tokens. With `use_cache=False` every step re-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -45,7 +46,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 @torch.no_grad()
 def sample(model: MoETransformer, prompt: list[int], n: int, max_new: int, eos_id: int, temperature: float = 0.8,
            top_k: int = 50, top_p: float = 0.95, generator: torch.Generator | None = None,
-           use_cache: bool = True) -> Rollout:
+           use_cache: bool = True, everyone_done: Callable[[bool], bool] | None = None) -> Rollout:
+    """`everyone_done(mine)`: whether all ranks that must step together (expert parallelism: every forward
+    is a collective) are done; by default this rank alone decides."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -69,7 +72,7 @@ def sample(model: MoETransformer, prompt: list[int], n: int, max_new: int, eos_i
         logprobs.append(logits.log_softmax(-1).gather(-1, choice[:, None]).squeeze(-1))
         tokens = torch.cat((tokens, choice[:, None]), dim=1)
         done = done | (choice == eos_id)
-        if bool(done.all()) or step == max_new - 1:
+        if step == max_new - 1 or (everyone_done or bool)(bool(done.all())):
             break
         if use_cache:
             step_input, positions = choice[:, None], torch.full((n, 1), p + step, device=device)

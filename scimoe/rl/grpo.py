@@ -5,8 +5,9 @@ Run: `scimoe-train recipe=grpo` (the toy addition task on a tiny model; `grpo.ta
 data.tokenizer=… checkpoint.init_weights=…` for real prompts). Reads top to bottom: layout → model and
 frozen reference → task and rewards → resume → per step: rollout (KV cache, experts recorded) → rewards
 and advantages → old/reference log-probs → update (router replay) → metrics and checkpoint.
-Data parallel under torchrun: each rank samples its share of the step's prompts; gradients are summed
-(the loss of each rank is its share of the global token mean). Tested by `python -m pytest tests/rl`.
+Data and expert parallel under torchrun: each rank samples its share of the step's prompts (with ep the
+ranks decode in lockstep, every forward being an all-to-all); gradients are summed (each rank's loss is its
+share of the global token mean). Tested by `python -m pytest tests/rl`.
 """
 from __future__ import annotations
 
@@ -57,16 +58,25 @@ def grpo(cfg: Config, run_dir: str) -> list[dict]:
     g = cfg.grpo
     dims = dims_from_env(cfg.parallel)
     os.makedirs(run_dir, exist_ok=True)
-    if dims.tp * dims.pp * dims.ep > 1:
-        raise NotImplementedError("recipe=grpo runs data-parallel only for now (parallel.tp/pp/ep must be 1)")
+    if dims.tp * dims.pp > 1:
+        raise NotImplementedError("recipe=grpo runs with data and expert parallelism (parallel.tp and pp must be 1)")
+    if g.prompts_per_step % dims.world_size:
+        raise ValueError(f"config error at 'grpo.prompts_per_step': {g.prompts_per_step} prompts do not split evenly "
+                         f"over {dims.world_size} ranks (every rank must sample as many, in step)")
     runtime = make_runtime(dims, init_process_groups(dims))
     torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
     model = build_model(cfg.model, seed=cfg.train.seed)
+    reference = copy.deepcopy(model) if g.kl_coef else None  # frozen: the starting policy
     runtime.prepare(model)
     if cfg.checkpoint.init_weights:
-        checkpoint.load_weights(checkpoint.find_resume_path(run_dir, cfg.checkpoint.init_weights,
-                                                            "checkpoint.init_weights"), model, runtime)
-    reference = copy.deepcopy(model).eval() if g.kl_coef else None  # frozen: the starting policy
+        source = checkpoint.find_resume_path(run_dir, cfg.checkpoint.init_weights, "checkpoint.init_weights")
+        checkpoint.load_weights(source, model, runtime)
+    if reference is not None:
+        runtime.prepare(reference)  # sharded like the policy (experts over ep)
+        reference.load_state_dict(model.state_dict())
+        reference.eval().requires_grad_(False)
+    # Under expert parallelism every forward is a collective: ranks decode in step until all are done.
+    everyone_done = (lambda mine: not runtime.any_rank(not mine)) if dims.ep > 1 else None
     task = build_task(cfg)
     reward = build_reward(dict(g.rewards))
     optimizer = build_optimizer(model, cfg.train, runtime.optimizer_shards(model, cfg.parallel.zero))
@@ -85,7 +95,8 @@ def grpo(cfg: Config, run_dir: str) -> list[dict]:
             began = time.perf_counter()
             prompts = task.batch(step, g.prompts_per_step, cfg.train.seed, dims.rank, dims.world_size)
             rollouts = [sample(model, ids, g.group_size, g.max_new_tokens, task.tokenizer.eos_id, g.temperature,
-                               g.top_k, g.top_p, generator, use_cache=g.kv_cache) for ids, _ in prompts]
+                               g.top_k, g.top_p, generator, use_cache=g.kv_cache, everyone_done=everyone_done)
+                        for ids, _ in prompts]
             rollout_s = time.perf_counter() - began
             texts = [[task.tokenizer.decode(r.tokens[i, r.prompt_len:][r.completion_mask[i]].tolist())
                       for i in range(g.group_size)] for r in rollouts]

@@ -26,6 +26,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/moe_layer.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python -m torch.distributed.run --standalone --nproc_per_node=4 benchmarks/moe_expert_parallel.py
+	$(BIN)/python benchmarks/rollout.py
+	$(BIN)/python benchmarks/data_pipeline.py
 
 clean:
 	rm -rf $(VENV) outputs multirun wandb .pytest_cache

@@ -142,21 +142,26 @@ class DistributedRuntime(Runtime):
         if self.dims.ep > 1:
             register_with_deepspeed(self.dims, self.groups, expert_parameters(model))
         self.sequence_parallel = self.sequence_parallel and self.dims.tp > 1
-        if self.sequence_parallel and self.dims.etp > 1:
-            raise NotImplementedError("parallel.sequence_parallel with parallel.etp > 1 is not built yet")
+        # With SP and etp the MoE blocks gather the sequence (each expert shard needs all the tokens of its
+        # etp group) and so see the same tokens on every tp rank, like plain tp.
+        self.moe_gathers_sequence = self.sequence_parallel and self.dims.etp > 1
         if self.sequence_parallel:
             shards = TokenSplit(self.groups.tp, self.groups.tp_rank, self.dims.tp, dim=1)
             model.sequence_shards = shards
             for layer in model.layers:
                 layer.sequence_shards = shards
             for moe in model.moe_layers():
-                moe.sequence_reduce = lambda t: _all_reduced(t, self.groups.tp)
+                if self.moe_gathers_sequence:
+                    moe.sequence_gather = shards
+                else:
+                    moe.sequence_reduce = lambda t: _all_reduced(t, self.groups.tp)
         elif self.dims.tp > 1 and self.dims.ep > 1 and self.dims.etp == 1:  # megatron's tp×ep: tp ranks route token shares
             split = TokenSplit(self.groups.tp, self.groups.tp_rank, self.dims.tp)
             for moe in model.moe_layers():
                 moe.token_split = split
         # Tokens differ across tp ranks in the MoE blocks (sequence shards or tp×ep token shares).
-        self.tokens_split_over_tp = self.sequence_parallel or (self.dims.tp > 1 and self.dims.ep > 1 and self.dims.etp == 1)
+        self.tokens_split_over_tp = (self.sequence_parallel and not self.moe_gathers_sequence) or \
+            (self.dims.tp > 1 and self.dims.ep > 1 and self.dims.etp == 1)
         stats_group = self.groups.tp_dp if self.tokens_split_over_tp else self.groups.dp
         self.stats_reduce = lambda t: _all_reduced(t, stats_group)
         self.chunks = None
@@ -229,8 +234,10 @@ class DistributedRuntime(Runtime):
 
     def sync_grads(self, model: MoETransformer) -> None:
         dense, experts = self._split(model)
-        if self.sequence_parallel:  # every replicated weight saw only this rank's positions
-            _all_reduce_grads([p for p in dense if not is_tensor_parallel(p)], self.groups.tp)
+        if self.sequence_parallel:  # every replicated weight saw only this rank's positions ...
+            moe_params = {id(p) for moe in model.moe_layers() for p in moe.parameters()} \
+                if self.moe_gathers_sequence else set()  # ... but MoE blocks that gathered them saw them all
+            _all_reduce_grads([p for p in dense if not is_tensor_parallel(p) and id(p) not in moe_params], self.groups.tp)
         elif self.dims.tp > 1:
             _all_reduce_grads(partial_grad_parameters(model), self.groups.tp)
         if self.dims.pp > 1:  # the FoPE tables serve layers on every stage

@@ -103,6 +103,9 @@ def activation_elements_per_token(cfg: Config, moe_layer: bool) -> float:
     k = m.moe.top_k
     # With tp × ep (no SP) each tp rank routes its 1/tp share of the tokens (megatron's layout).
     etp = cfg.parallel.etp
+    if cfg.parallel.sequence_parallel and etp > 1:  # the block gathers the sequence: every position
+        return attention + 3 * h * share + 1 + 3 * h + 4 * m.moe.shared_expert_ffn + \
+            2 * m.moe.num_experts + 10 * k + 3 * k * h + 4 * k * m.moe.ffn_hidden / etp
     routed_share = 1 / tp if cfg.parallel.ep > 1 and etp == 1 and not cfg.parallel.sequence_parallel else share
     routed = 2 * m.moe.num_experts + 10 * k + 3 * k * h + 4 * k * m.moe.ffn_hidden / etp
     return attention + (3 * h + 1 + 4 * m.moe.shared_expert_ffn) * share + routed * routed_share

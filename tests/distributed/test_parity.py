@@ -138,17 +138,19 @@ def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference
                {"name": "tp2_etp2", "tp": 2, "etp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2, "save_every": RESUME_AT},
                {"name": "dp2_from_tp2_etp2", "ep": 1, "micro_batch": GLOBAL_BATCH // 4, "resume_from": "tp2_etp2",
                 "resume_step": RESUME_AT},
+               {"name": "tp2_sp_etp2", "tp": 2, "sp": True, "etp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
                {"name": "ep2_from_pp2", "ep": 2, "micro_batch": GLOBAL_BATCH // 4, "resume_from": "pp2",
                 "resume_step": RESUME_AT}]
     memory = [{"name": "mem_dp2"}, {"name": "mem_ep2", "ep": 2}, {"name": "mem_tp2", "tp": 2},
               {"name": "mem_pp2", "pp": 2}, {"name": "mem_tp2_sp", "tp": 2, "sp": True},
-              {"name": "mem_tp2_etp2", "tp": 2, "etp": 2}]
+              {"name": "mem_tp2_etp2", "tp": 2, "etp": 2}, {"name": "mem_tp2_sp_etp2", "tp": 2, "etp": 2, "sp": True}]
     out = launch(2, {"parity": dict(reference, layouts=layouts), "dispatch": True, "grad_norm": True,
                      "memory": {"workdir": str(tmp_path), "layouts": memory}}, tmp_path)
     for name, ranks in out["memory"].items():  # the capacity planner against what these ranks allocated
         assert_memory_matches(name, ranks)
     _assert_parity(out["parity"], ["ep2", "dp2", "tp2", "dp2_zero0", "pp2", "pp2_interleaved", "tp2_sp",
-                                   "dp2_from_tp2", "ep2_from_pp2", "tp2_etp2", "dp2_from_tp2_etp2"], reference)
+                                   "dp2_from_tp2", "ep2_from_pp2", "tp2_etp2", "dp2_from_tp2_etp2", "tp2_sp_etp2"],
+                   reference)
     _assert_resumed(out["parity"], reference, "dp2_from_tp2")  # tp2 → tp1
     _assert_resumed(out["parity"], reference, "ep2_from_pp2")  # pp2 → pp1 (and ep1 → ep2)
     _assert_resumed(out["parity"], reference, "dp2_from_tp2_etp2")  # experts split over etp → whole again
@@ -187,7 +189,8 @@ def test_four_rank_layouts_match_single_process(reference, tmp_path):
                {"name": "tp2xep2_resumed", "tp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4,
                 "resume_from": "tp2xep2", "resume_step": RESUME_AT},
                {"name": "tp2xep2_etp2", "tp": 2, "ep": 2, "etp": 2, "micro_batch": GLOBAL_BATCH // 4},
-               {"name": "tp2xpp2_sp", "tp": 2, "pp": 2, "sp": True, "ep": 1, "micro_batch": GLOBAL_BATCH // 2}]
+               {"name": "tp2xpp2_sp", "tp": 2, "pp": 2, "sp": True, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
+               {"name": "tp2xep2_sp_etp2", "tp": 2, "ep": 2, "sp": True, "etp": 2, "micro_batch": GLOBAL_BATCH // 4}]
     memory = [{"name": "mem_ep2xdp2", "ep": 2}, {"name": "mem_tp2xep2", "tp": 2, "ep": 2},
               {"name": "mem_tp2xep2_etp2", "tp": 2, "ep": 2, "etp": 2},
               {"name": "mem_pp2xdp2_zero0", "pp": 2, "zero": 0}]
@@ -197,7 +200,7 @@ def test_four_rank_layouts_match_single_process(reference, tmp_path):
         assert_memory_matches(name, ranks)
     _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4", "tp2xdp2", "pp2xdp2", "pp2xep2", "tp2xpp2", "tp2xep2",
                                    "tp2xep2_sp", "ep4_from_ep2xdp2", "dp4_from_ep4", "tp2xep2_resumed", "tp2xep2_etp2",
-                                   "tp2xpp2_sp"],
+                                   "tp2xpp2_sp", "tp2xep2_sp_etp2"],
                    reference)
     _assert_resumed(out["parity"], reference, "ep4_from_ep2xdp2")  # ep2 → ep4 (dp2 → dp1)
     _assert_resumed(out["parity"], reference, "dp4_from_ep4")  # ep4 → ep1

@@ -63,6 +63,9 @@ class MoELayer(nn.Module):
         self.sequence_reduce: Optional[losses.Reduce] = None
         """Sums per-sequence statistics over the ranks holding other positions of the same sequences
         (sequence parallelism); None when every rank holds whole sequences."""
+        self.sequence_gather = None
+        """Set by scimoe.parallel for sequence parallelism with expert tensor parallelism: the block gathers
+        the tp ranks' positions first (`gather`), runs on all of them, and keeps its own again (`split`)."""
         self.expert_input_copy = self.expert_output_reduce = None
         """Set by scimoe.parallel under expert tensor parallelism: the experts' input passes unchanged but its
         gradient is summed over the etp ranks; their partial outputs are summed."""
@@ -76,6 +79,12 @@ class MoELayer(nn.Module):
                              "ste_ema" else None, persistent=False)
 
     def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+        if self.sequence_gather is not None:
+            y, aux = self._forward(self.sequence_gather.gather(x), replay)
+            return self.sequence_gather.split(y), aux
+        return self._forward(x, replay)
+
+    def _forward(self, x: torch.Tensor, replay: torch.Tensor | None) -> tuple[torch.Tensor, MoEAux]:
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
         local, local_batch = flat, batch

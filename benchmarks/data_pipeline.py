@@ -26,7 +26,7 @@ from scimoe.data.loader import StepLoader  # noqa: E402
 from scimoe.data.multimodal import DataReport, multimodal_rows, read_records  # noqa: E402
 from scimoe.data.preprocess import preprocess  # noqa: E402
 from scimoe.data.text import bundled_corpus_path, read_documents  # noqa: E402
-from scimoe.launch.slurm import compose_config  # noqa: E402
+from scimoe.config import compose_config  # noqa: E402
 from scimoe.train.pretrain import pretrain  # noqa: E402
 from tests.data.mm_fixture import write_fixture  # noqa: E402
 

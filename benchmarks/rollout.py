@@ -15,7 +15,7 @@ import time
 import torch
 
 from scimoe.config import ModelConfig
-from scimoe.launch.slurm import compose_config
+from scimoe.config import compose_config
 from scimoe.model import build_model
 from scimoe.rl.generate import sample
 from scimoe.rl.grpo import grpo

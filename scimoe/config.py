@@ -478,3 +478,16 @@ def validate(cfg: DictConfig | Config) -> Config:
     if not isinstance(obj, Config):
         raise TypeError("the composed config is not a scimoe Config (did config.yaml lose its schema?)")
     return obj
+
+
+def compose_config(overrides: list[str]) -> Config:
+    """The validated Config that `scimoe-train OVERRIDES` would run with (Hydra's compose API; `hydra.*`
+    overrides are dropped): for tools and tests that read the same configs without starting a run."""
+    from hydra import compose, initialize_config_module
+
+    from scimoe.launch.run_dir import register_resolvers
+
+    register_configs()
+    register_resolvers()
+    with initialize_config_module("scimoe.configs", version_base=None):
+        return validate(compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")]))

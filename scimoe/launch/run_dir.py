@@ -46,3 +46,18 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("scimoe_run_id", lambda: run_id(), use_cache=True)
     if not OmegaConf.has_resolver("scimoe_nodes"):  # Slurm nodes for cluster.gpus (hydra/launcher/slurm.yaml)
         OmegaConf.register_new_resolver("scimoe_nodes", lambda gpus, per_node: max(1, int(gpus) // int(per_node)))
+
+
+FINISHED = "FINISHED"
+"""Written by rank 0 when a run reaches train.steps; the Slurm job script requeues until it exists."""
+
+
+def clear_finished(run_dir: str) -> None:
+    """A run that still has steps to go is not finished (an earlier, shorter run may have said so)."""
+    if os.path.exists(os.path.join(run_dir, FINISHED)):
+        os.remove(os.path.join(run_dir, FINISHED))
+
+
+def mark_finished(run_dir: str, step: int) -> None:
+    with open(os.path.join(run_dir, FINISHED), "w") as f:
+        f.write(f"{step}\n")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from scimoe.config import Config
 from scimoe.launch.hardware import ACCELERATORS
-from scimoe.launch.slurm import compose_config
+from scimoe.config import compose_config
 from scimoe.parallel.dims import ParallelDims
 from scimoe.plan.memory import GIB, MemoryPlan, plan_memory
 from scimoe.plan.step import StepPlan, plan_step

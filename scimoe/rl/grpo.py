@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from scimoe.config import Config
+from scimoe.launch.run_dir import clear_finished, mark_finished
 from scimoe.model import MoETransformer, build_model
 from scimoe.parallel.runtime import make_runtime
 from scimoe.parallel.state import dims_from_env, init_process_groups
@@ -31,6 +32,7 @@ from scimoe.rl.tasks import build_task
 from scimoe.train import checkpoint
 from scimoe.train.metrics import make_logger
 from scimoe.train.optim import build_optimizer, lr_at
+from scimoe.train.step import apply_update
 
 log = logging.getLogger("scimoe")
 
@@ -89,6 +91,9 @@ def grpo(cfg: Config, run_dir: str) -> list[dict]:
     logger = make_logger(cfg.logger, run_dir, dims.rank == 0, dataclasses.asdict(cfg), resume_step=start)
     generator = torch.Generator()
     records = []
+    skipped_in_a_row = 0
+    if dims.rank == 0 and start < cfg.train.steps:
+        clear_finished(run_dir)
     try:
         for step in range(start, cfg.train.steps):
             generator.manual_seed(cfg.train.seed * 7919 + step * dims.world_size + dims.rank)
@@ -118,13 +123,14 @@ def grpo(cfg: Config, run_dir: str) -> list[dict]:
             result = policy_loss(logp, old, advantages, mask, g.clip_low, g.clip_high, g.aggregation, ref,
                                  g.kl_coef, g.kl_estimator)
             share = local_tokens / total_tokens.clamp_min(1) if g.aggregation == "token_mean" else 1 / dims.world_size
-            (result.loss * share + (out.balance_loss + out.z_loss) / dims.world_size).backward()
-            runtime.sync_grads(model)
-            grad_norm = runtime.clip_grad_norm(model, cfg.train.grad_clip)
-            optimizer.step()
-            for moe in model.moe_layers():
-                moe.commit_step()
-            optimizer.zero_grad()
+            loss = result.loss * share + (out.balance_loss + out.z_loss) / dims.world_size
+            loss.backward()
+            global_loss = float(runtime.reduce_sum(loss.detach().double().reshape(1)))
+            grad_norm, skipped = apply_update(model, optimizer, runtime, cfg.train.grad_clip, global_loss)
+            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+            if skipped_in_a_row >= cfg.train.max_skipped_in_a_row:
+                raise RuntimeError(f"{skipped_in_a_row} GRPO steps in a row had a non-finite loss or grad norm "
+                                   f"(train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}); stopping")
             update_s = time.perf_counter() - began
             mismatch = [a.replay_mismatch for a in out.moe if a.replay_mismatch is not None]
             stats = runtime.reduce_sum(torch.tensor([
@@ -141,7 +147,7 @@ def grpo(cfg: Config, run_dir: str) -> list[dict]:
                 "entropy": stats[4] / tokens, "response_length": tokens / n, "samples": int(n),
                 "routing_mismatch": stats[7] / dims.world_size if g.router_replay else None,
                 "grad_norm": grad_norm, "lr": lr_at(step, cfg.train), "tokens_per_s": tokens / seconds,
-                "rollout_s": rollout_s, "logprob_s": logprob_s, "update_s": update_s, "skipped": 0,
+                "rollout_s": rollout_s, "logprob_s": logprob_s, "update_s": update_s, "skipped": int(skipped),
             }
             logger.log(record)
             records.append(record)
@@ -155,6 +161,5 @@ def grpo(cfg: Config, run_dir: str) -> list[dict]:
     finally:
         logger.close()
     if dims.rank == 0 and records and records[-1]["step"] == cfg.train.steps:
-        with open(os.path.join(run_dir, "FINISHED"), "w") as f:
-            f.write(f"{cfg.train.steps}\n")
+        mark_finished(run_dir, cfg.train.steps)
     return records

@@ -19,6 +19,7 @@ from scimoe.config import Config
 from scimoe.data.loader import StepLoader
 from scimoe.data.sources import build_rows
 from scimoe.launch.hardware import peak_tflops
+from scimoe.launch.run_dir import clear_finished, mark_finished
 from scimoe.model import build_model
 from scimoe.model.counting import training_flops_per_token
 from scimoe.parallel.dims import ParallelDims
@@ -132,8 +133,8 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
         log.info("initial weights from %s", cfg.checkpoint.init_weights)
     logger = make_logger(cfg.logger, run_dir, dims.rank == 0, dataclasses.asdict(cfg), resume_step=start)
 
-    if dims.rank == 0 and start < cfg.train.steps and os.path.exists(os.path.join(run_dir, "FINISHED")):
-        os.remove(os.path.join(run_dir, "FINISHED"))  # an earlier, shorter run's: this one is not done
+    if dims.rank == 0 and start < cfg.train.steps:
+        clear_finished(run_dir)
     records: list[dict] = []
     skipped_in_a_row = 0
     stop = StopRequest(cfg.train.max_minutes)
@@ -185,8 +186,7 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
         if saver is not None:
             saver.wait()  # the last checkpoint is complete before the run reports success
         if dims.rank == 0 and records and records[-1]["step"] == cfg.train.steps:
-            with open(os.path.join(run_dir, "FINISHED"), "w") as f:  # the Slurm script's "do not requeue"
-                f.write(f"{cfg.train.steps}\n")
+            mark_finished(run_dir, cfg.train.steps)
     finally:
         stop.close()
         logger.close()

@@ -10,7 +10,7 @@ import torch
 from scimoe.config import Config, DataConfig, ModelConfig, TrainConfig
 from scimoe.data.loader import StepLoader
 from scimoe.data.multimodal import DataReport, multimodal_rows, read_records
-from scimoe.launch.slurm import compose_config
+from scimoe.config import compose_config
 from scimoe.model import build_model
 from scimoe.model.timeseries import ts_token_count
 from scimoe.model.vision import image_token_count

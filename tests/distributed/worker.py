@@ -188,7 +188,7 @@ def run_grad_norm(rank: int, world: int) -> dict:
 
 def mm_config(fixture: str, micro_batch: int, **parallel) -> Config:
     """The multimodal parity run: tiny_mm on the fixture, 4 steps, lr 1e-3 (see parity_config)."""
-    from scimoe.launch.slurm import compose_config
+    from scimoe.config import compose_config
 
     cfg = compose_config(["model=tiny_mm", "data=multimodal", f"data.path={fixture}", "data.max_bad_fraction=0.5",
                           "train.seq_len=256", "train.global_batch=4", f"train.micro_batch={micro_batch}",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from scimoe.launch.slurm import compose_config
+from scimoe.config import compose_config
 from scimoe.rl.grpo import grpo
 
 

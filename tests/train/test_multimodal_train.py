@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from scimoe.launch.slurm import compose_config
+from scimoe.config import compose_config
 from scimoe.train.pretrain import pretrain
 from tests.data.mm_fixture import write_fixture
 

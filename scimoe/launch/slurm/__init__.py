@@ -14,10 +14,7 @@ import shlex
 import subprocess
 import sys
 
-from hydra import compose, initialize_config_module
-
-from scimoe.config import Config, register_configs, validate
-from scimoe.launch.run_dir import register_resolvers
+from scimoe.config import compose_config
 from scimoe.parallel.dims import ParallelDims
 
 TEMPLATE = os.path.join(os.path.dirname(__file__), "job.sbatch")
@@ -29,13 +26,6 @@ def render(template: str, values: dict[str, object]) -> str:
     if missing:
         raise KeyError(f"template placeholders without a value: {missing}")
     return re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m.group(1)]), template)
-
-
-def compose_config(overrides: list[str]) -> Config:
-    register_configs()
-    register_resolvers()
-    with initialize_config_module("scimoe.configs", version_base=None):
-        return validate(compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")]))
 
 
 def sbatch_script(overrides: list[str]) -> str:

@@ -291,8 +291,8 @@ def load(path: str, model: torch.nn.Module, optimizer: Any, runtime: Any = None,
             continue  # saved before this parameter's first update
         state = {}
         for field in fields:
-            if field == "step":
-                state[field] = index.read(f"{name}::step", shards.placement(torch.zeros(()), None), ())
+            if field == "step":  # a scalar, the same everywhere, kept on the CPU as torch's AdamW does
+                state[field] = shards.read_local(index, f"{name}::step", (), None)
             else:
                 state[field] = shards.read_local(index, f"{name}::{field}", tuple(param.shape),
                                                  layout.get(name)).to(param.device)

@@ -73,16 +73,6 @@ class OptimizerSet:
                 return
         raise KeyError("parameter is not stepped by this rank's optimizer")
 
-    def state_dict(self) -> dict:
-        """This rank's optimizer state (its ZeRO shard when sharded)."""
-        return {"optimizers": [getattr(opt, "optim", opt).state_dict() for opt in self.optimizers]}
-
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["optimizers"]) != len(self.optimizers):
-            raise ValueError("optimizer state was saved with a different sharding (parallel.zero or layout)")
-        for opt, saved in zip(self.optimizers, state["optimizers"]):
-            getattr(opt, "optim", opt).load_state_dict(saved)
-
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig,
                     shards: list[tuple[list[nn.Parameter], object]] | None = None) -> OptimizerSet:

@@ -191,6 +191,5 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
         stop.close()
         logger.close()
     final = runtime.full_state_dict(model) if gather_final_weights else None
-    state_numel = sum(t.numel() for opt in optimizer.state_dict()["optimizers"] for st in opt["state"].values()
-                      for t in st.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
+    state_numel = sum(t.numel() for _, st in optimizer.parameter_states() for t in st.values() if t.dim() > 0)
     return PretrainResult(records=records, final_weights=final, optimizer_state_numel=state_numel)

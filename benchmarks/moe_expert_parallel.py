@@ -19,8 +19,7 @@ import torch.distributed as dist
 from scimoe.config import MoEConfig
 from scimoe.model.moe.layer import MoELayer
 from scimoe.parallel.dims import ParallelDims
-from scimoe.parallel.expert import apply_expert_parallel
-from scimoe.parallel.state import init_process_groups
+from scimoe.parallel.expert import ParallelMoE, apply_expert_parallel
 
 
 class _One(torch.nn.Module):
@@ -47,11 +46,11 @@ def phase_times(layer: MoELayer, x: torch.Tensor, iters: int) -> dict[str, float
         marks[0] = time.perf_counter()
         routing = layer.router(flat)
         mark()
-        sent = layer.dispatcher.dispatch(flat, routing.indices)
+        sent = layer.comm.dispatch(flat, routing.indices)
         mark()
         out = layer.experts(sent.x, sent.counts)
         mark()
-        y = layer.dispatcher.combine(out, routing.weights, sent)
+        y = layer.comm.combine(out, routing.weights, sent)
         mark()
         y.sum().backward()
         mark()
@@ -76,12 +75,13 @@ def main() -> None:
     for ep in (1, 2, 4):
         if world % ep:
             continue
-        groups = init_process_groups(ParallelDims(world_size=world, rank=rank, ep=ep))
+        dims = ParallelDims(world_size=world, rank=rank, ep=ep).build_groups()
         torch.manual_seed(0)
         layer = MoELayer(256, cfg)
         for p in layer.parameters():
             torch.nn.init.normal_(p, std=0.02)
-        apply_expert_parallel(_One(layer), groups.ep, groups.ep_rank, ep)
+        apply_expert_parallel(_One(layer), dims)
+        layer.comm = ParallelMoE(dims, args.experts)
         torch.manual_seed(1 + rank)
         x = torch.randn(1, args.tokens // world, 256, requires_grad=True)
         results[ep] = phase_times(layer, x, args.iters)

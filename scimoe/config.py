@@ -8,15 +8,19 @@ run when `validate(cfg)` turns the composed config into these dataclasses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A key, value or combination the run cannot use; the message names the key. `scimoe-train` exits 2."""
 
 
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise ValueError(f"config error at '{key}': {message}")
+        raise ConfigError(f"config error at '{key}': {message}")
 
 
 @dataclass
@@ -466,14 +470,18 @@ class Config:
 
 def register_configs() -> None:
     """Register the schema so `config.yaml`'s defaults list can extend it."""
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
     cs.store(name="scimoe_schema", node=Config)
 
 
-def validate(cfg: DictConfig | Config) -> Config:
+def validate(cfg: "DictConfig | Config") -> Config:
     """Turn a composed config into dataclasses, running every `__post_init__` check."""
     if isinstance(cfg, Config):
         return cfg
+    from omegaconf import OmegaConf
+
     obj: Any = OmegaConf.to_object(cfg)
     if not isinstance(obj, Config):
         raise TypeError("the composed config is not a scimoe Config (did config.yaml lose its schema?)")

@@ -1,6 +1,6 @@
 """The one gate through which a config may name code to run: an allow-list of import paths.
 
-Tested by `python -m pytest tests/test_registry.py`. A config value such as `data.source` may be a
+Tested by `python -m pytest tests/test_config.py tests/rl/test_rewards.py`. A config value such as `data.source` may be a
 short alias (`text`) or a dotted path (`mypkg.sources.make_rows`); dotted paths load only when they
 start with an allowed prefix: `scimoe.` plus the comma-separated prefixes in the environment variable
 SCIMOE_ALLOWED_TARGETS (so a YAML file alone can never make a run import arbitrary code).
@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import os
 from typing import Any, Callable, Mapping
+
+from scimoe.config import ConfigError
 
 BUILTIN_PREFIXES = ("scimoe.",)
 
@@ -24,21 +26,13 @@ def resolve_target(name: str, key: str, aliases: Mapping[str, str] | None = None
     path = (aliases or {}).get(name, name)
     if not path.startswith(allowed_prefixes()):
         known = ", ".join(sorted(aliases or {})) or "none"
-        raise ValueError(f"config error at '{key}': '{name}' is neither a known name ({known}) nor under an "
+        raise ConfigError(f"config error at '{key}': '{name}' is neither a known name ({known}) nor under an "
                          f"allowed prefix {allowed_prefixes()} (extend with SCIMOE_ALLOWED_TARGETS)")
     module_name, _, attr = path.rpartition(".")
     try:
         target = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"config error at '{key}': cannot import '{path}': {err}") from err
+        raise ConfigError(f"config error at '{key}': cannot import '{path}': {err}") from err
     if not callable(target):
-        raise ValueError(f"config error at '{key}': '{path}' is not callable")
+        raise ConfigError(f"config error at '{key}': '{path}' is not callable")
     return target
-
-
-def instantiate(node: Mapping[str, Any], key: str) -> Any:
-    """Call `node['_target_']` with the node's other entries, after the allow-list check."""
-    if "_target_" not in node:
-        raise ValueError(f"config error at '{key}': missing _target_")
-    kwargs = {k: v for k, v in node.items() if k != "_target_"}
-    return resolve_target(str(node["_target_"]), f"{key}._target_")(**kwargs)

@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 
 from scimoe.config import register_configs, validate
 from scimoe.launch.run_dir import register_resolvers
-from scimoe.registry import instantiate, resolve_target
+from scimoe.registry import resolve_target
 
 
 def _compose(*overrides: str):
@@ -70,10 +70,10 @@ def test_registry_resolves_aliases_and_allowed_paths_only(monkeypatch):
     with pytest.raises(ValueError, match=r"data\.source.*os\.system"):
         resolve_target("os.system", "data.source")
     monkeypatch.setenv("SCIMOE_ALLOWED_TARGETS", "collections")
-    assert instantiate({"_target_": "collections.OrderedDict", "a": 1}, "x") == {"a": 1}
+    assert resolve_target("collections.OrderedDict", "x")(a=1) == {"a": 1}
     monkeypatch.delenv("SCIMOE_ALLOWED_TARGETS")
-    with pytest.raises(ValueError, match=r"x\._target_"):
-        instantiate({"_target_": "collections.OrderedDict"}, "x")
+    with pytest.raises(ValueError, match=r"'x'.*collections\.OrderedDict"):
+        resolve_target("collections.OrderedDict", "x")
 
 
 def test_run_id_is_shared_by_ranks_of_one_launch():

@@ -6,12 +6,13 @@ Build one: `build_model(ModelConfig())` (the tiny preset) or on the meta device 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scimoe.config import ModelConfig
+from scimoe.model.communication import LocalText, MoECommunication, TextCommunication
 from scimoe.model.attention import Attention, document_causal_mask
 from scimoe.model.moe.experts import GroupedExperts, SwiGLU
 from scimoe.model.moe.layer import MoEAux, MoELayer
@@ -48,16 +49,13 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.rms_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.mlp = SwiGLU(cfg.hidden, cfg.moe.dense_ffn_hidden) if dense else MoELayer(cfg.hidden, cfg.moe)
-        self.sequence_shards = None
-        """Set by scimoe.parallel for sequence parallelism: `gather(x)` / `split(x)` along the sequence.
-        The residual stream, norms and MLP then hold s/tp positions; attention sees them all."""
+        self.comm: TextCommunication = LocalText()
+        """With sequence parallelism the residual stream, norms and MLP hold s/tp positions; attention
+        gathers them all (see MoETransformer.use_communication)."""
 
     def forward(self, x, rotary, mask, replay=None, cache=None) -> tuple[torch.Tensor, MoEAux | None]:
-        h = self.input_layernorm(x)
-        if self.sequence_shards is None:
-            x = x + self.self_attn(h, rotary, mask, cache)
-        else:
-            x = x + self.sequence_shards.split(self.self_attn(self.sequence_shards.gather(h), rotary, mask))
+        h = self.comm.gather_sequence(self.input_layernorm(x))
+        x = x + self.comm.split_sequence(self.self_attn(h, rotary, mask, cache))
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoELayer):
             y, aux = self.mlp(h, replay)
@@ -89,11 +87,18 @@ class MoETransformer(nn.Module):
             t = cfg.timeseries
             self.timeseries = TimeSeriesEncoder(t, cfg.hidden)
             self.timeseries.requires_grad_(not t.freeze)
-        self.sequence_shards = None
-        """Set by scimoe.parallel for sequence parallelism (see DecoderLayer.sequence_shards)."""
-        self.token_loss = None
-        """Per-token loss (logits, labels) → [B, T], 0 where labels == −100; None = plain cross-entropy.
-        Tensor parallelism installs megatron's vocab-parallel cross-entropy here."""
+        self.comm: TextCommunication = LocalText()
+        """Sequence shards and the LM loss; scimoe.parallel hands in tensor-parallel ones."""
+
+    def use_communication(self, text: TextCommunication, moe: Callable[[MoELayer], MoECommunication]) -> None:
+        """Install a layout's communication: `text` for the residual stream and the loss (every layer),
+        `moe(layer)` for each MoE block. Called once, by scimoe.parallel.parallelize."""
+        self.comm = text
+        for layer in self.layers:
+            if isinstance(layer, DecoderLayer):
+                layer.comm = text
+                if isinstance(layer.mlp, MoELayer):
+                    layer.mlp.comm = moe(layer.mlp)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -162,9 +167,7 @@ class MoETransformer(nn.Module):
                 replay: list[torch.Tensor] | None = None, kv_cache: list[dict] | None = None,
                 images: list[torch.Tensor] | None = None, series: list[tuple[torch.Tensor, float]] | None = None) -> ModelOutput:
         """`kv_cache` (generation, one dict per layer): see Attention.forward. `images`, `series`: see embed."""
-        x = self.embed(input_ids, images, series)
-        if self.sequence_shards is not None:
-            x = self.sequence_shards.split(x)
+        x = self.comm.split_sequence(self.embed(input_ids, images, series))
         x, auxes = self.run_layers(x, positions, range(len(self.layers)), replay, kv_cache=kv_cache)
         logits, loss_sum, label_tokens = self.output(x, labels)
         zero = loss_sum.new_zeros(())
@@ -197,17 +200,10 @@ class MoETransformer(nn.Module):
 
     def output(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Final norm and LM head; (logits, sum of token losses, label count)."""
-        x = self.norm(x)
-        if self.sequence_shards is not None:
-            x = self.sequence_shards.gather(x)
-        logits = self.lm_head(x)
+        logits = self.lm_head(self.comm.gather_sequence(self.norm(x)))
         loss_sum, label_tokens = logits.new_zeros((), dtype=torch.float32), 0
         if labels is not None:
-            if self.token_loss is None:
-                loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                           reduction="sum")
-            else:
-                loss_sum = self.token_loss(logits, labels).sum()
+            loss_sum = self.comm.loss_sum(logits, labels)
             label_tokens = int((labels != -100).sum())
         return logits, loss_sum, label_tokens
 

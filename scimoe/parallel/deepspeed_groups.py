@@ -51,12 +51,12 @@ class MegatronMPU:
         return self.groups.pp_rank
 
 
-def register_with_deepspeed(dims: ParallelDims, groups: Groups, expert_params) -> str:
+def register_with_deepspeed(dims: ParallelDims, expert_params) -> str:
     """Register megatron's ep / expert-dp groups in DeepSpeed and tag `expert_params`; returns the name."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if dist.get_backend() == "nccl" else "cpu")
     from deepspeed.utils import groups as ds_groups
 
-    name = f"ep_size_{dims.ep}"
+    name, groups = f"ep_size_{dims.ep}", dims.groups
     ds_groups.mpu = MegatronMPU(groups)
     ds_groups._EXPERT_PARALLEL_GROUP[name] = groups.ep
     ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(groups.ep)

@@ -1,16 +1,26 @@
-"""ParallelDims: the run's layout (tp, pp, ep, etp, dp) and its checks, passed explicitly everywhere.
+"""ParallelDims: the run's layout (tp, pp, ep, etp, dp, sequence parallelism, pipeline split), its checks,
+and, once built, its process groups: the one layout object every part of a run takes.
 
-Tested by `python -m pytest tests/parallel/test_dims.py`. Data parallel is what the world size leaves
-after tp·pp; expert parallel divides the data-parallel ranks (Megatron's expert grid).
+Tested by `python -m pytest tests/parallel/test_dims.py` (and by every multi-rank test through it).
+Data parallel is what the world size leaves after tp·pp; expert parallel divides the data-parallel ranks
+(Megatron's expert grid). `dims.build_groups()` starts torch.distributed and megatron-core's groups
+(scimoe/parallel/state.py); the collectives below (`reduce_sum`, `any_rank`, …) are the identity on one
+process, so callers never branch on the layout.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from scimoe.config import ConfigError
+from scimoe.parallel.state import Groups
 
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Sizes of every parallel dimension for one run, and this process's global rank."""
+    """Sizes of every parallel dimension for one run, this process's global rank, and its groups."""
 
     world_size: int = 1
     rank: int = 0
@@ -18,19 +28,47 @@ class ParallelDims:
     pp: int = 1
     ep: int = 1
     etp: int = 1
+    sequence_parallel: bool = False
+    """Requested; takes effect only with tp > 1 (see `sp`)."""
+    pp_virtual: int = 1
+    """Model chunks per pipeline rank (megatron's interleaved schedule when > 1)."""
+    pp_layers: tuple[int, ...] | None = None
+    """Decoder layers per (virtual) stage; None = even split."""
+    groups: Groups = field(default_factory=Groups, compare=False, repr=False)
+    """The process groups this rank belongs to (empty until `build_groups`, and on one process)."""
 
     def __post_init__(self) -> None:
         model_parallel = self.tp * self.pp
         if self.world_size % model_parallel:
-            raise ValueError(f"world size {self.world_size} is not divisible by parallel.tp × parallel.pp "
+            raise ConfigError(f"world size {self.world_size} is not divisible by parallel.tp × parallel.pp "
                              f"({self.tp} × {self.pp})")
         if self.etp not in (1, self.tp):
-            raise ValueError(f"parallel.etp ({self.etp}) must be 1 or equal parallel.tp ({self.tp}): each expert is "
+            raise ConfigError(f"parallel.etp ({self.etp}) must be 1 or equal parallel.tp ({self.tp}): each expert is "
                              "split over the ranks that already share its tokens")
         expert_grid = self.ep * self.etp * self.pp
         if self.world_size % expert_grid:
-            raise ValueError(f"world size {self.world_size} is not divisible by parallel.ep × parallel.etp × "
+            raise ConfigError(f"world size {self.world_size} is not divisible by parallel.ep × parallel.etp × "
                              f"parallel.pp ({self.ep} × {self.etp} × {self.pp})")
+
+    @classmethod
+    def from_config(cls, parallel, world_size: int | None = None, rank: int | None = None) -> "ParallelDims":
+        """The layout `parallel.*` asks for, on torchrun's (or a bare srun's) WORLD_SIZE / RANK unless given."""
+        if world_size is None or rank is None:
+            from scimoe.launch.env import apply_launcher_env
+
+            apply_launcher_env()
+            world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        return cls(world_size=world_size, rank=rank, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep, etp=parallel.etp,
+                   sequence_parallel=parallel.sequence_parallel, pp_virtual=parallel.pp_virtual,
+                   pp_layers=tuple(parallel.pp_layers) if parallel.pp_layers else None)
+
+    def build_groups(self) -> "ParallelDims":
+        """This layout with its process groups (torch.distributed and megatron-core started as needed)."""
+        if self.is_single_process or self.groups.tp is not None:
+            return self
+        from scimoe.parallel.state import create_groups
+
+        return replace(self, groups=create_groups(self))
 
     @property
     def dp(self) -> int:
@@ -46,15 +84,78 @@ class ParallelDims:
     def is_single_process(self) -> bool:
         return self.world_size == 1
 
+    @property
+    def sp(self) -> bool:
+        """Sequence parallelism in effect: the residual stream holds seq/tp positions per tp rank."""
+        return self.sequence_parallel and self.tp > 1
+
+    @property
+    def moe_gathers_sequence(self) -> bool:
+        """With SP and etp the MoE blocks gather the sequence (each expert shard needs every token of its etp
+        group) and so see the same tokens on every tp rank, like plain tp."""
+        return self.sp and self.etp > 1
+
+    @property
+    def tokens_split_over_tp(self) -> bool:
+        """The MoE blocks of the tp ranks hold different tokens: sequence shards, or megatron's tp × ep
+        layout where each tp rank routes its share of the (replicated) tokens."""
+        return (self.sp and not self.moe_gathers_sequence) or (self.tp > 1 and self.ep > 1 and self.etp == 1)
+
     def check_model(self, num_experts: int, layers: int, n_groups: int) -> None:
         """Layout checks that need the model's shape."""
         if num_experts % self.ep:
-            raise ValueError(f"model.moe.num_experts ({num_experts}) is not divisible by parallel.ep ({self.ep})")
-        if layers < self.pp:
-            raise ValueError(f"model.layers ({layers}) is fewer than parallel.pp stages ({self.pp})")
+            raise ConfigError(f"model.moe.num_experts ({num_experts}) is not divisible by parallel.ep ({self.ep})")
+        if layers < self.pp * self.pp_virtual:
+            raise ConfigError(f"model.layers ({layers}) is fewer than the pipeline stages (parallel.pp × "
+                             f"parallel.pp_virtual = {self.pp * self.pp_virtual})")
         if self.ep > 1 and n_groups > 1 and n_groups % self.ep and self.ep % n_groups:
-            raise ValueError(f"model.moe.n_groups ({n_groups}) and parallel.ep ({self.ep}) must divide one "
+            raise ConfigError(f"model.moe.n_groups ({n_groups}) and parallel.ep ({self.ep}) must divide one "
                              "another so that router groups map onto expert-parallel ranks")
 
     def describe(self) -> str:
         return f"TP{self.tp}-PP{self.pp}-EP{self.ep}-DP{self.dp} rank {self.rank}"
+
+    # Collectives over the job's groups; the identity on one process.
+
+    def reduce_sum(self, t: torch.Tensor, over: str = "dp") -> torch.Tensor:
+        """Sum of `t` over group `over` (dp, tp, pp, tp_dp, ep, etp, expert_dp or world), on t's device."""
+        group = self._group(over)
+        if group is None:
+            return t
+        import torch.distributed as dist
+
+        comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+            else t.device
+        out = t.detach().to(comm_device, copy=True)
+        dist.all_reduce(out, group=group)
+        return out.to(t.device)
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is set on any rank of the job."""
+        return bool(self.reduce_sum(torch.tensor(int(flag)), over="world"))
+
+    def all_gather_object(self, obj, over: str = "world") -> list:
+        """`obj` from every rank of group `over`, in rank order."""
+        group = self._group(over)
+        if group is None:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, obj, group=group)
+        return out
+
+    def barrier(self) -> None:
+        if not self.is_single_process:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _group(self, name: str):
+        if self.is_single_process:
+            return None
+        if name == "world":
+            import torch.distributed as dist
+
+            return dist.group.WORLD
+        return getattr(self.groups, name)

@@ -13,7 +13,9 @@ import torch.distributed as dist
 from torch.distributed.nn.functional import all_to_all_single
 
 from scimoe.model import MoETransformer
-from scimoe.model.moe.dispatch import Dispatched, weighted_sum_by_token
+from scimoe.model.moe.dispatch import Dispatched, LocalDispatcher, weighted_sum_by_token
+from scimoe.parallel.comm_ops import CopyToGroup, SumOverGroup, TokenSplit
+from scimoe.parallel.dims import ParallelDims
 
 
 @dataclass
@@ -59,120 +61,92 @@ class ExpertParallelDispatcher:
         return weighted_sum_by_token(returned, weights, sent.order)
 
 
-class _Split(torch.autograd.Function):
-    """Rows (along `dim`) → this rank's contiguous share; backward all-gathers the shares' gradients."""
-
-    @staticmethod
-    def forward(ctx, x, group, rank, parts, dim):  # noqa: D102
-        ctx.group, ctx.parts, ctx.dim = group, parts, dim
-        return x.chunk(parts, dim=dim)[rank].contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        return _gather(grad.contiguous(), ctx.group, ctx.parts, ctx.dim), None, None, None, None
-
-
-class _Gather(torch.autograd.Function):
-    """Shares → the whole tensor along `dim`; backward keeps this rank's share of the gradient, which
-    must already be complete on every rank (replicated downstream, or all-reduced by megatron's
-    column-parallel backward)."""
-
-    @staticmethod
-    def forward(ctx, x, group, rank, parts, dim):  # noqa: D102
-        ctx.rank, ctx.parts, ctx.dim = rank, parts, dim
-        return _gather(x.contiguous(), group, parts, dim)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        return grad.chunk(ctx.parts, dim=ctx.dim)[ctx.rank].contiguous(), None, None, None, None
-
-
-def _gather(x: torch.Tensor, group, parts: int, dim: int) -> torch.Tensor:
-    pieces = [torch.empty_like(x) for _ in range(parts)]
-    dist.all_gather(pieces, x, group=group)  # a list: gloo has no all_gather_into_tensor
-    return torch.cat(pieces, dim=dim)
-
-
-class TokenSplit:
-    """Shares of a tensor over the tensor-parallel group along `dim`.
-
-    dim 0 of flat tokens: megatron's tp × ep layout (tp ranks hold the same tokens, so each routes and
-    dispatches only its 1/tp share and the MoE outputs are gathered back). dim 1 of [b, s, h]:
-    sequence parallelism (each tp rank keeps s/tp positions of the residual stream)."""
-
-    def __init__(self, group, rank: int, parts: int, dim: int = 0) -> None:
-        self.group, self.rank, self.parts, self.dim = group, rank, parts, dim
-
-    def split(self, x: torch.Tensor) -> torch.Tensor:
-        return _Split.apply(x, self.group, self.rank, self.parts, self.dim)
-
-    def gather(self, y: torch.Tensor) -> torch.Tensor:
-        return _Gather.apply(y, self.group, self.rank, self.parts, self.dim)
-
-
-def apply_expert_parallel(model: MoETransformer, group, ep_rank: int, ep_size: int) -> None:
-    """Keep this rank's slice of every MoE layer's experts and route tokens through the ep group."""
-    if ep_size == 1:
+def apply_expert_parallel(model: MoETransformer, dims: ParallelDims) -> None:
+    """Keep this rank's slice of every MoE layer's experts (global expert e lives on ep rank e // (E / ep))."""
+    if dims.ep == 1:
         return
     for moe in model.moe_layers():
         experts = moe.experts
-        local = experts.num_experts // ep_size
-        keep = slice(ep_rank * local, (ep_rank + 1) * local)
+        local = experts.num_experts // dims.ep
+        keep = slice(dims.groups.ep_rank * local, (dims.groups.ep_rank + 1) * local)
         experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.detach()[keep].clone())
         experts.down_proj = torch.nn.Parameter(experts.down_proj.detach()[keep].clone())
         experts.num_experts = local
-        moe.dispatcher = ExpertParallelDispatcher(experts.num_experts * ep_size, group, ep_rank, ep_size)
 
 
-class _SumOverGroup(torch.autograd.Function):
-    """Forward: sum over the group (the partial outputs of an expert split over etp). Backward: identity
-    (each rank's shard needs the full upstream gradient), as megatron's reduce_from_tensor_model_parallel_region."""
-
-    @staticmethod
-    def forward(ctx, x, group):  # noqa: D102
-        out = x.contiguous().clone()
-        torch.distributed.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        return grad, None
-
-
-class _CopyToGroup(torch.autograd.Function):
-    """Forward: identity. Backward: sum over the group (each etp rank's shard gives part of dL/dx), as
-    megatron's copy_to_tensor_model_parallel_region."""
-
-    @staticmethod
-    def forward(ctx, x, group):  # noqa: D102
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        out = grad.contiguous().clone()
-        torch.distributed.all_reduce(out, group=ctx.group)
-        return out, None
-
-
-def apply_expert_tensor_parallel(model: MoETransformer, group, etp_rank: int, etp_size: int) -> None:
+def apply_expert_tensor_parallel(model: MoETransformer, dims: ParallelDims) -> None:
     """Split every expert's hidden width F over the etp ranks: gate and up rows (column-parallel), down's
-    columns (row-parallel); the experts' partial outputs are summed over the group before the combine."""
-    if etp_size == 1:
+    columns (row-parallel); ParallelMoE sums the partial outputs over the group before the combine."""
+    if dims.etp == 1:
         return
+    rank = dims.groups.etp_rank
     for moe in model.moe_layers():
         experts = moe.experts
         f = experts.down_proj.shape[2]
-        if f % etp_size:
-            raise ValueError(f"model.moe.ffn_hidden ({f}) must be divisible by parallel.etp ({etp_size})")
-        part = slice(etp_rank * f // etp_size, (etp_rank + 1) * f // etp_size)
+        if f % dims.etp:
+            raise ValueError(f"model.moe.ffn_hidden ({f}) must be divisible by parallel.etp ({dims.etp})")
+        part = slice(rank * f // dims.etp, (rank + 1) * f // dims.etp)
         gate, up = experts.gate_up_proj.detach().split(f, dim=1)
         experts.gate_up_proj = torch.nn.Parameter(torch.cat([gate[:, part], up[:, part]], dim=1).clone())
         experts.down_proj = torch.nn.Parameter(experts.down_proj.detach()[:, :, part].clone())
         for p in experts.parameters():
             p.expert_tensor_parallel = True
-        moe.expert_input_copy = lambda x, group=group: _CopyToGroup.apply(x, group)
-        moe.expert_output_reduce = lambda y, group=group: _SumOverGroup.apply(y, group)
+
+
+def routes_token_shares(dims: ParallelDims) -> bool:
+    """megatron's tp × ep layout: tp ranks hold the same tokens, so each routes and dispatches its 1/tp share."""
+    return dims.tp > 1 and dims.ep > 1 and dims.etp == 1 and not dims.sp
+
+
+class ParallelMoE:
+    """An MoE block's communication in a parallel layout (scimoe/model/communication.py's MoECommunication):
+    sequence gather (SP with etp), token shares (tp × ep), expert-parallel all-to-all, expert-tensor-parallel
+    copy / sum, and the sums of the balance statistics over every rank holding distinct tokens."""
+
+    def __init__(self, dims: ParallelDims, num_experts: int) -> None:
+        g = self.groups = dims.groups
+        self.dims = dims
+        self.dispatcher = ExpertParallelDispatcher(num_experts, g.ep, g.ep_rank, dims.ep) if dims.ep > 1 \
+            else LocalDispatcher(num_experts)
+        self.sequence = TokenSplit(g.tp, g.tp_rank, dims.tp, dim=1) if dims.moe_gathers_sequence else None
+        self.share = TokenSplit(g.tp, g.tp_rank, dims.tp) if routes_token_shares(dims) else None
+        self.share_parts = dims.tp if self.share else 1
+        self.stats_group = "tp_dp" if dims.tokens_split_over_tp else "dp"
+        # Sequence shards without the gather: per-sequence statistics are summed over the tp ranks.
+        self.sequence_group = "tp" if dims.sp and not dims.moe_gathers_sequence else None
+
+    def gather_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sequence.gather(x) if self.sequence else x
+
+    def split_sequence(self, y: torch.Tensor) -> torch.Tensor:
+        return self.sequence.split(y) if self.sequence else y
+
+    def own_share(self, tokens: torch.Tensor, replay: torch.Tensor | None):
+        if self.share is None:
+            return tokens, replay
+        return self.share.split(tokens), (self.share.split(replay) if replay is not None else None)
+
+    def all_shares(self, y: torch.Tensor) -> torch.Tensor:
+        return self.share.gather(y) if self.share else y
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> Dispatched:
+        sent = self.dispatcher.dispatch(x, indices)
+        if self.dims.etp > 1:  # each etp rank's shard gives part of dL/dx: summed in the backward
+            sent.x = CopyToGroup.apply(sent.x, self.groups.etp)
+        return sent
+
+    def expert_outputs(self, out: torch.Tensor) -> torch.Tensor:
+        # the hidden-width shards' partial outputs add up to the experts' outputs
+        return SumOverGroup.apply(out, self.groups.etp) if self.dims.etp > 1 else out
+
+    def combine(self, out: torch.Tensor, weights: torch.Tensor, sent: Dispatched) -> torch.Tensor:
+        return self.dispatcher.combine(out, weights, sent)
+
+    def reduce_stats(self, t: torch.Tensor) -> torch.Tensor:
+        return self.dims.reduce_sum(t, over=self.stats_group)
+
+    def reduce_sequence_stats(self, t: torch.Tensor) -> torch.Tensor:
+        return self.dims.reduce_sum(t, over=self.sequence_group) if self.sequence_group else t
 
 
 def expert_parameters(model: MoETransformer) -> list[torch.nn.Parameter]:

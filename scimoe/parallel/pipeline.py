@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from scimoe.model import MoETransformer
+from scimoe.parallel.dims import ParallelDims
 
 
 def stage_layers(layers: int, stages: int, stage: int, split: list[int] | None = None) -> range:
@@ -55,9 +56,7 @@ class PipelineChunk(nn.Module):
     def forward(self, mb: dict[str, torch.Tensor], label_tokens: int, aux_grad_scale: float) -> torch.Tensor:
         """Last stage: this micro-batch's share of the global LM loss; others: hidden states [s, b, h]."""
         if self.first:
-            x = self.model.embed(mb["input_ids"], mb.get("images"), mb.get("series"))
-            if self.model.sequence_shards is not None:
-                x = self.model.sequence_shards.split(x)
+            x = self.model.comm.split_sequence(self.model.embed(mb["input_ids"], mb.get("images"), mb.get("series")))
         else:
             x = self.input_tensor.transpose(0, 1)
         x, auxes = self.model.run_layers(x, mb["positions"], self.layer_ids, aux_grad_scale=aux_grad_scale)
@@ -69,10 +68,12 @@ class PipelineChunk(nn.Module):
         return x.transpose(0, 1).contiguous()
 
 
-def build_chunks(model: MoETransformer, rank: int, pp: int, virtual: int, config,
-                 split: list[int] | None = None) -> list[PipelineChunk]:
+def build_chunks(model: MoETransformer, dims: ParallelDims) -> list[PipelineChunk]:
     """This rank's chunks, and the model stripped to what they run (placeholders keep the names)."""
+    pp, virtual, rank = dims.pp, dims.pp_virtual, dims.groups.pp_rank
+    config = megatron_pipeline_config(model, dims)
     stages = pp * virtual
+    split = list(dims.pp_layers) if dims.pp_layers else None
     ids = [stage_layers(len(model.layers), stages, c * pp + rank, split) for c in range(virtual)]
     keep = {i for r in ids for i in r}
     for i in range(len(model.layers)):
@@ -86,11 +87,11 @@ def build_chunks(model: MoETransformer, rank: int, pp: int, virtual: int, config
     return chunks
 
 
-def megatron_pipeline_config(model: MoETransformer, tp: int, pp: int, virtual: int = 1, sequence_parallel: bool = False):
+def megatron_pipeline_config(model: MoETransformer, dims: ParallelDims):
     """The TransformerConfig megatron's schedule reads (tensor shapes, dtype, loss convention)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    cfg = model.cfg
+    cfg, tp, pp, virtual = model.cfg, dims.tp, dims.pp, dims.pp_virtual
     return TransformerConfig(
         num_layers=cfg.layers, hidden_size=cfg.hidden, num_attention_heads=cfg.heads,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
@@ -98,7 +99,7 @@ def megatron_pipeline_config(model: MoETransformer, tp: int, pp: int, virtual: i
         calculate_per_token_loss=True, batch_p2p_comm=False, use_cpu_initialization=True,
         virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None,
         # stages then exchange [seq/tp, batch, hidden]: each tp rank its own positions
-        sequence_parallel=sequence_parallel)
+        sequence_parallel=dims.sp)
 
 
 def pipeline_forward_backward(chunks: list[PipelineChunk], microbatches: list[dict[str, torch.Tensor]],

@@ -1,8 +1,7 @@
 """Process groups for a layout, created by megatron-core's `parallel_state` (the one source of truth).
 
-Used by the training entry point under torchrun (`torchrun --nproc_per_node=4 -m scimoe.train
-parallel.ep=2`); tested by `tests/distributed/test_parity.py`. Groups are returned in a `Groups`
-object that callers pass explicitly; megatron's module globals stay inside this file.
+Used through `ParallelDims.build_groups()` (scimoe/parallel/dims.py), which keeps the `Groups` it returns;
+tested by `python -m pytest tests/distributed/test_parity.py`. megatron's module globals stay inside this file.
 """
 from __future__ import annotations
 
@@ -12,8 +11,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from scimoe.parallel.dims import ParallelDims
 
 
 @dataclass
@@ -41,21 +38,8 @@ class Groups:
     etp_rank: int = 0
 
 
-def dims_from_env(parallel) -> ParallelDims:
-    """ParallelDims from torchrun's WORLD_SIZE/RANK, or a bare srun's SLURM_* (1/0 when absent), and
-    `parallel.*` sizes."""
-    from scimoe.launch.env import apply_launcher_env
-
-    apply_launcher_env()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    return ParallelDims(world_size=world, rank=rank, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep, etp=parallel.etp)
-
-
-def init_process_groups(dims: ParallelDims) -> Groups:
+def create_groups(dims) -> Groups:
     """Start torch.distributed (gloo on CPU, NCCL on GPUs) and megatron-core's groups for `dims`."""
-    if dims.is_single_process:
-        return Groups()
     if not torch.cuda.is_available():
         from scimoe.parallel.cpu_shim import apply_cpu_shim
 
@@ -80,7 +64,7 @@ def init_process_groups(dims: ParallelDims) -> Groups:
                   etp_rank=ps.get_expert_tensor_parallel_rank())
 
 
-def rank_grid(dims: ParallelDims, coordinates: list[dict[str, int]]) -> str:
+def rank_grid(dims, coordinates: list[dict[str, int]]) -> str:
     """A table of every rank's coordinates (from `gather_coordinates`), one line per rank."""
     lines = [f"rank grid {dims.describe().rsplit(' rank', 1)[0]} (world {dims.world_size}):",
              "  rank  tp  pp  dp  ep  expert-dp"]
@@ -89,12 +73,10 @@ def rank_grid(dims: ParallelDims, coordinates: list[dict[str, int]]) -> str:
     return "\n".join(lines)
 
 
-def gather_coordinates(dims: ParallelDims, groups: Groups) -> list[dict[str, int]]:
+def gather_coordinates(dims) -> list[dict[str, int]]:
     """Every rank's position in each group, as megatron-core actually built them."""
+    g = dims.groups
     if dims.is_single_process:
         return [{"tp": 0, "pp": 0, "dp": 0, "ep": 0, "expert_dp": 0}]
-    mine = {"tp": groups.tp_rank, "pp": groups.pp_rank, "dp": groups.dp_rank, "ep": groups.ep_rank,
-            "expert_dp": dist.get_rank(groups.expert_dp)}
-    everyone: list = [None] * dims.world_size
-    dist.all_gather_object(everyone, mine)
-    return everyone
+    mine = {"tp": g.tp_rank, "pp": g.pp_rank, "dp": g.dp_rank, "ep": g.ep_rank, "expert_dp": dist.get_rank(g.expert_dp)}
+    return dims.all_gather_object(mine)

@@ -15,7 +15,11 @@ import torch
 from torch import nn
 
 from scimoe.model import MoETransformer
+from scimoe.model.communication import LocalText
 from scimoe.model.rotary import FoPE
+from scimoe.parallel.comm_ops import TokenSplit
+from scimoe.parallel.dims import ParallelDims
+from scimoe.parallel.expert import routes_token_shares
 
 def _megatron_classes():
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
@@ -55,12 +59,11 @@ def _replace(parent: nn.Module, name: str, new: nn.Module, full_weight: torch.Te
     setattr(parent, name, new)
 
 
-def apply_tensor_parallel(model: MoETransformer, tp_group, tp_rank: int, tp_size: int) -> None:
+def apply_tensor_parallel(model: MoETransformer, dims: ParallelDims) -> None:
     """Shard attention, embedding and LM head over the tensor-parallel group, in place."""
+    tp_size, tp_group, tp_rank = dims.tp, dims.groups.tp, dims.groups.tp_rank
     if tp_size == 1:
         return
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
     cfg = model.cfg
     if cfg.heads % tp_size or cfg.kv_heads % tp_size or cfg.vocab_size % tp_size:
         raise ValueError(f"parallel.tp ({tp_size}) must divide model.heads ({cfg.heads}), model.kv_heads "
@@ -88,12 +91,28 @@ def apply_tensor_parallel(model: MoETransformer, tp_group, tp_rank: int, tp_size
             local.tensor_model_parallel, local.partition_dim = True, 0
             setattr(model.rotary, name, local)
 
-    def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        mask = labels != -100
-        losses = vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(~mask, 0))
-        return losses * mask
 
-    model.token_loss = token_loss
+class TensorParallelText(LocalText):
+    """The transformer's communication under tp (scimoe/model/communication.py's TextCommunication): sequence
+    shards of the residual stream with sequence parallelism, megatron's vocab-parallel cross-entropy."""
+
+    def __init__(self, dims: ParallelDims) -> None:
+        self.shards = TokenSplit(dims.groups.tp, dims.groups.tp_rank, dims.tp, dim=1) if dims.sp else None
+        self.vocab_parallel = dims.tp > 1
+
+    def split_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shards.split(x) if self.shards else x
+
+    def gather_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shards.gather(x) if self.shards else x
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.vocab_parallel:
+            return super().loss_sum(logits, labels)
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        mask = labels != -100
+        return (vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(~mask, 0)) * mask).sum()
 
 
 def is_tensor_parallel(param: torch.Tensor) -> bool:
@@ -101,7 +120,7 @@ def is_tensor_parallel(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
-def partial_grad_parameters(model: MoETransformer) -> list[nn.Parameter]:
+def partial_grad_parameters(model: MoETransformer, dims: ParallelDims) -> list[nn.Parameter]:
     """Replicated weights whose gradient each TP rank sees only in part: the q/k norms (shared by all
     heads, each rank holds some heads), a single shared FoPE table, and the routers when tp ranks split
     the tokens for expert parallelism. Their grads are summed over tp."""
@@ -110,19 +129,19 @@ def partial_grad_parameters(model: MoETransformer) -> list[nn.Parameter]:
     if isinstance(model.rotary, FoPE) and not is_tensor_parallel(model.rotary.cos_coef):
         params += [model.rotary.cos_coef, model.rotary.sin_coef]
     # With tp × ep each tp rank routes its own share of the tokens: router grads are per-share too.
-    params += [moe.router.weight for moe in model.moe_layers() if moe.token_split is not None]
+    if routes_token_shares(dims):
+        params += [moe.router.weight for moe in model.moe_layers()]
     return params
 
 
-def gather_tensor_parallel(model: MoETransformer, state: dict[str, torch.Tensor], tp_group,
-                           tp_size: int) -> dict[str, torch.Tensor]:
+def gather_tensor_parallel(model: MoETransformer, state: dict[str, torch.Tensor], dims: ParallelDims) -> dict[str, torch.Tensor]:
     """Turn this rank's state dict into the single-process one by all-gathering every TP shard."""
     import torch.distributed as dist
 
     for name, param in model.named_parameters():
         if not is_tensor_parallel(param):
             continue
-        parts = [torch.empty_like(param) for _ in range(tp_size)]
-        dist.all_gather(parts, param.detach().contiguous(), group=tp_group)
+        parts = [torch.empty_like(param) for _ in range(dims.tp)]
+        dist.all_gather(parts, param.detach().contiguous(), group=dims.groups.tp)
         state[name] = torch.cat(parts, dim=param.partition_dim)
     return state

@@ -2,46 +2,44 @@
 
 Run: `scimoe-train model=tiny train.steps=50 hydra.run.dir=outputs/tiny`
 or under torchrun: `torchrun --nproc_per_node=4 -m scimoe.train parallel.ep=2` (gloo on CPU, NCCL on GPUs).
-A bad key, type or value stops the run before any work, naming the key (exit code 2).
+A bad key, type or value stops the run before any work, naming the key (exit code 2). Tested by
+`python -m pytest tests/test_config.py tests/train/test_pretrain.py`.
 """
 from __future__ import annotations
 
 import logging
 import sys
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from scimoe.train.signals import StopRequest
 
-from scimoe.config import register_configs, validate
-from scimoe.launch.run_dir import register_resolvers
+StopRequest.install()  # SIGTERM / SIGUSR1 from here on end the run cleanly, even during start-up
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from scimoe.config import ConfigError, register_configs, validate  # noqa: E402
+from scimoe.launch.run_dir import register_resolvers  # noqa: E402
+from scimoe.registry import resolve_target  # noqa: E402
 
 register_configs()
 register_resolvers()
 log = logging.getLogger("scimoe")
 
+RECIPES = {"pretrain": "scimoe.train.pretrain.pretrain", "sft": "scimoe.train.pretrain.pretrain",
+           "grpo": "scimoe.rl.grpo.grpo"}
+"""recipe.name → the function `(cfg, run_dir) -> ...` that runs it (SFT is pretraining on chat rows)."""
+
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from scimoe.parallel.state import dims_from_env
-
     try:
         config = validate(cfg)
-        dims = dims_from_env(config.parallel)
-        dims.check_model(config.model.moe.num_experts, config.model.layers, config.model.moe.n_groups)
-    except ValueError as err:
+        recipe = resolve_target(config.recipe.name, "recipe.name", RECIPES)
+        recipe(config, HydraConfig.get().runtime.output_dir)
+    except ConfigError as err:
         print(f"scimoe-train: {err}", file=sys.stderr)
         sys.exit(2)
-    run_dir = HydraConfig.get().runtime.output_dir
-    try:
-        if config.recipe.name == "grpo":
-            from scimoe.rl.grpo import grpo
-
-            grpo(config, run_dir)
-        else:  # pretrain and sft share the loop; sft differs in its data (data.source=sft)
-            from scimoe.train.pretrain import pretrain
-
-            pretrain(config, run_dir, dims)
     finally:
         import torch.distributed as dist
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from scimoe.parallel.runtime import Runtime
+from scimoe.parallel.dims import ParallelDims
 from scimoe.train import shards
 from scimoe.train.async_save import AsyncSaver, wait_for_parts
 
@@ -100,23 +100,22 @@ def _entries(model: torch.nn.Module, optimizer: Any, layout: dict) -> tuple[dict
 
 
 def save(run_dir: str, step: int, model: torch.nn.Module, optimizer: Any, loader_state: dict,
-         config_yaml: str, runtime: Any = None, rank: int = 0, world: int = 1, saver: AsyncSaver | None = None,
-         on_complete: Callable[[], None] | None = None) -> str:
+         config_yaml: str, dims: ParallelDims = ParallelDims(), saver: AsyncSaver | None = None,
+         on_complete: Callable[[], None] | None = None, extra_state: dict | None = None) -> str:
     """Write checkpoint `step` atomically (every rank calls this) and return its folder. With `saver` the
     files are written in the background; `on_complete` runs on rank 0 once the marker is in place."""
-    runtime = runtime or Runtime()
-    model_entries, optim_entries = _entries(model, optimizer, runtime.shard_layout(model))
-    train_state = {"step": step, "loader": dict(loader_state), "rng": rng_state(), "world": world}
-    return write(run_dir, step, model_entries, optim_entries, train_state, config_yaml, runtime, rank, world,
-                 saver, on_complete)
+    model_entries, optim_entries = _entries(model, optimizer, shards.shard_layout(model, dims))
+    train_state = {"step": step, "loader": dict(loader_state), "rng": rng_state(), "world": dims.world_size,
+                   **(extra_state or {})}
+    return write(run_dir, step, model_entries, optim_entries, train_state, config_yaml, dims, saver, on_complete)
 
 
 def write(run_dir: str, step: int, model_entries: dict, optim_entries: dict | None, train_state: dict | None,
-          config_yaml: str, runtime: Any = None, rank: int = 0, world: int = 1, saver: AsyncSaver | None = None,
+          config_yaml: str, dims: ParallelDims = ParallelDims(), saver: AsyncSaver | None = None,
           on_complete: Callable[[], None] | None = None) -> str:
     """The atomic save protocol for entries {key: (name, tensor, placement)}. `optim_entries=None` and
     `train_state=None` make a weights-only checkpoint (what `scimoe-import` writes)."""
-    runtime = runtime or Runtime()
+    rank, world = dims.rank, dims.world_size
     final = step_dir(run_dir, step)
     root = checkpoint_root(run_dir)
     tmp = os.path.join(root, f".step_{step:08d}.tmp")
@@ -124,7 +123,7 @@ def write(run_dir: str, step: int, model_entries: dict, optim_entries: dict | No
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    everyone = runtime.all_gather_object((sorted(model_entries), sorted(optim_entries or {})))  # also a barrier
+    everyone = dims.all_gather_object((sorted(model_entries), sorted(optim_entries or {})))  # also a barrier
     model_writer = shards.choose_writers([m for m, _ in everyone])
     optim_writer = shards.choose_writers([o for _, o in everyone])
     copy = (lambda t: t.detach().to("cpu", copy=True)) if saver is not None else (lambda t: t)
@@ -144,7 +143,7 @@ def write(run_dir: str, step: int, model_entries: dict, optim_entries: dict | No
         digests = {name: _fsync_write(os.path.join(tmp, name), data) for name, data in files.items()}
         _fsync_write(os.path.join(tmp, f".manifest{suffix}.json"), json.dumps(digests).encode())
         if saver is None:
-            runtime.barrier()
+            dims.barrier()
         if rank == 0:
             if saver is not None:
                 wait_for_parts(tmp, world)
@@ -155,7 +154,7 @@ def write(run_dir: str, step: int, model_entries: dict, optim_entries: dict | No
 
     if saver is None:
         finish()
-        runtime.barrier()
+        dims.barrier()
     else:
         saver.submit(finish)
     return final
@@ -254,11 +253,11 @@ def files(path: str, kind: str) -> list[str]:
     return sorted(os.path.join(path, n) for n in os.listdir(path) if n.startswith(f"{kind}_rank"))
 
 
-def load_weights(path: str, model: torch.nn.Module, runtime: Any = None) -> None:
+def load_weights(path: str, model: torch.nn.Module, dims: ParallelDims = ParallelDims()) -> None:
     """Load the model weights of checkpoint `path`, saved in any layout, into this rank's slices."""
     _marker(path)
     index = shards.ShardIndex(files(path, "model"))
-    _load_model(index, model, (runtime or Runtime()).shard_layout(model), path)
+    _load_model(index, model, shards.shard_layout(model, dims), path)
 
 
 def _load_model(index: shards.ShardIndex, model: torch.nn.Module, layout: dict, path: str) -> None:
@@ -271,16 +270,15 @@ def _load_model(index: shards.ShardIndex, model: torch.nn.Module, layout: dict, 
     model.load_state_dict(weights, strict=False)  # non-tensor entries (megatron's _extra_state) stay
 
 
-def load(path: str, model: torch.nn.Module, optimizer: Any, runtime: Any = None, rank: int = 0,
-         world: int = 1) -> dict:
+def load(path: str, model: torch.nn.Module, optimizer: Any, dims: ParallelDims = ParallelDims()) -> dict:
     """Restore model, optimizer and RNG from `path`, saved in this or any other layout; returns the
     train state (step, loader). RNG streams are per rank: restored when the world size is unchanged."""
-    runtime = runtime or Runtime()
+    rank, world = dims.rank, dims.world_size
     marker = _marker(path)
     if marker.get("weights_only"):
         raise ValueError(f"checkpoint {path} holds weights only (an import): start from it with "
                          "checkpoint.init_weights=PATH, not checkpoint.resume")
-    layout = runtime.shard_layout(model)
+    layout = shards.shard_layout(model, dims)
     _load_model(shards.ShardIndex(files(path, "model")), model, layout, path)
     index = shards.ShardIndex(files(path, "optimizer"))
     names = {id(p): n for n, p in model.named_parameters()}

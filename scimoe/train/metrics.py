@@ -6,6 +6,8 @@ Tested by `python -m pytest tests/train/test_metrics.py`. `make_logger` returns 
 from __future__ import annotations
 
 import json
+import secrets
+import logging
 import os
 from typing import Any
 
@@ -13,6 +15,8 @@ import torch
 
 from scimoe.config import LoggerConfig
 from scimoe.model.moe.layer import LAYER_STATS
+
+log = logging.getLogger("scimoe")
 
 
 def moe_health(counts: list[torch.Tensor], stats: list[torch.Tensor]) -> dict[str, list]:
@@ -79,30 +83,72 @@ class JsonlLogger:
     """One JSON object per optimizer step in `run_dir/metrics.jsonl`.
 
     On resume from step k, lines after step k (written by the interrupted run after its last
-    checkpoint) are dropped, so the file holds each step exactly once.
+    checkpoint) are dropped, so the file holds each step exactly once. A line cut short (a kill or a full
+    disk in the middle of a write) is dropped with a warning naming it, never an error: the metrics file can
+    never stop a run from resuming. A failed write (disk full) is reported, cut back, and training goes on.
     """
 
     def __init__(self, run_dir: str, resume_step: int = 0) -> None:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         kept = []
         if os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-        with open(self.path + ".tmp", "w") as f:
+            with open(self.path, "rb") as f:
+                for number, raw in enumerate(f, 1):
+                    step = _step_of(raw)
+                    if step is None:
+                        if raw.strip():
+                            log.warning("%s:%d: dropped a cut or unreadable metrics line (%d bytes)", self.path,
+                                        number, len(raw))
+                        continue
+                    if step <= resume_step:
+                        kept.append(raw if raw.endswith(b"\n") else raw + b"\n")
+        with open(self.path + ".tmp", "wb") as f:
             f.writelines(kept)
         os.replace(self.path + ".tmp", self.path)
-        self._file = open(self.path, "a")
+        self._file = open(self.path, "ab", buffering=0)  # unbuffered: a failed write leaves nothing pending
+        self._warned = False
 
     def log(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        line = (json.dumps(record) + "\n").encode()
+        start = self._file.tell()
+        try:
+            written = 0
+            while written < len(line):
+                written += self._file.write(line[written:])
+        except OSError as err:
+            if not self._warned:
+                log.warning("%s: metrics of step %s not written (%s); training goes on", self.path,
+                            record.get("step"), err)
+                self._warned = True
+            try:  # never leave half a line for the next one to continue
+                self._file.truncate(start)
+                self._file.seek(start)
+            except OSError:
+                pass
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as err:
+            log.warning("%s: closing the metrics file failed: %s", self.path, err)
+
+
+def _step_of(raw: bytes) -> int | None:
+    """The `step` of one metrics.jsonl line, or None when the line is not a whole JSON record."""
+    try:
+        step = json.loads(raw)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+WANDB_RUN_ID = "wandb_run_id"
+"""File in the run folder holding the wandb run id, so a resumed run logs into the same wandb run."""
 
 
 class WandbLogger(JsonlLogger):
-    """metrics.jsonl plus wandb (offline by default: no network; sync later with `wandb sync`)."""
+    """metrics.jsonl plus wandb (offline by default: no network; sync later with `wandb sync`). A run that
+    resumes from a checkpoint continues the wandb run whose id the run folder keeps."""
 
     def __init__(self, run_dir: str, cfg: LoggerConfig, config: dict, resume_step: int = 0) -> None:
         super().__init__(run_dir, resume_step)
@@ -110,8 +156,16 @@ class WandbLogger(JsonlLogger):
 
         self._wandb = wandb
         self._heatmap_every = cfg.heatmap_every
-        self._run = wandb.init(project=cfg.project, mode=cfg.mode, dir=run_dir, config=config,
-                               name=os.path.basename(os.path.normpath(run_dir)))
+        id_file = os.path.join(run_dir, WANDB_RUN_ID)
+        run_id = None
+        if resume_step > 0 and os.path.exists(id_file):
+            with open(id_file) as f:
+                run_id = f.read().strip() or None
+        run_id = run_id or secrets.token_hex(4)
+        with open(id_file, "w") as f:
+            f.write(run_id + "\n")
+        self._run = wandb.init(project=cfg.project, mode=cfg.mode, dir=run_dir, config=config, id=run_id,
+                               resume="allow", name=os.path.basename(os.path.normpath(run_dir)))
 
     def log(self, record: dict[str, Any]) -> None:
         super().log(record)

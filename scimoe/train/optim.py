@@ -39,8 +39,11 @@ class OptimizerSet:
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
         self.optimizers = optimizers
+        self.lr = optimizers[0].param_groups[0]["lr"] if optimizers else 0.0
+        """The learning rate of the current step."""
 
     def set_lr(self, lr: float) -> None:
+        self.lr = lr
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr

@@ -161,3 +161,30 @@ class ShardIndex:
             raise ValueError(f"checkpoint pieces of '{name}' cover {filled} of the {math.prod(shape)} elements "
                              f"this rank needs at offsets {list(where.offsets)}: files are missing")
         return out
+
+
+def shard_layout(model: torch.nn.Module, dims) -> dict[str, Shard]:
+    """{state-dict name: Shard} for every tensor this rank holds only a slice of. TP shards (megatron's
+    `partition_dim`) are slice tp_rank of tp; expert weights slice ep_rank of ep along the expert axis and,
+    under etp, slice etp_rank of their hidden width (gate_up: of its gate and of its up half). Pipeline
+    stages keep the single-process names, so need no entry."""
+    if dims.is_single_process:
+        return {}
+    from scimoe.parallel.expert import expert_parameters
+    from scimoe.parallel.tensor import is_tensor_parallel
+
+    g = dims.groups
+    layout = {name: Shard(((p.partition_dim, g.tp_rank, dims.tp),))
+              for name, p in model.named_parameters() if is_tensor_parallel(p)}
+    if dims.ep == 1 and dims.etp == 1:
+        return layout
+    experts = {id(p) for p in expert_parameters(model)}
+    for name, p in model.named_parameters():
+        if id(p) not in experts:
+            continue
+        splits = [(0, g.ep_rank, dims.ep)] if dims.ep > 1 else []
+        glu = name.endswith("gate_up_proj")
+        if dims.etp > 1:
+            splits.append((1 if glu else 2, g.etp_rank, dims.etp))
+        layout[name] = Shard(tuple(splits), glu_dim=1 if glu and dims.etp > 1 else None)
+    return layout

@@ -1,20 +1,38 @@
-"""One optimizer step: gradient accumulation over micro-batches, clipping, loss guard, update.
+"""One optimizer step: forward and backward over the micro-batches (plain or through the pipeline schedule),
+the loss formula, gradient sync and clipping, the loss guard, and the update.
 
-Tested by `python -m pytest tests/train tests/distributed`. The LM loss is the mean over every label
-token of the global batch (each micro-batch contributes its token sum / global token count), so the
-result does not depend on how the batch is cut into micro-batches or ranks; balance terms are
-averaged over micro-batches. Each rank's loss is its share of the global one: the runtime sums
-gradients and logged values over data-parallel ranks.
+Tested by `python -m pytest tests/train tests/distributed`. The LM loss is the mean over every label token of
+the global batch (each micro-batch contributes its token sum / global token count), so the result does not
+depend on how the batch is cut into micro-batches or ranks; balance terms are averaged over micro-batches.
+Each rank's loss is its share of the global one: gradients and logged values are summed over data-parallel
+ranks (scimoe/parallel/runtime.py).
+
+Balance statistics (expert counts, mean probabilities) are taken per micro-step over every rank's micro-batch
+together, i.e. over train.micro_batch × dp sequences: two layouts compute the same loss when that product
+is the same (the session logs it, and warns when a resumed run changes it).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from scimoe.model import MoETransformer
-from scimoe.parallel.runtime import Runtime
+from scimoe.model.moe.layer import MoEAux
+from scimoe.parallel.dims import ParallelDims
+from scimoe.parallel.pipeline import PipelineChunk, pipeline_forward_backward
+from scimoe.parallel.runtime import clip_grad_norm, sync_grads
+
+_SINGLE = ParallelDims()
+
+
+def autocast(dtype: str):
+    """bf16 autocast (CPU or GPU) around forward passes; fp32 runs without autocast."""
+    if dtype == "bf16":
+        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -33,12 +51,81 @@ class StepResult:
     """Per MoE layer, float64 [router entropy, balance loss, z-loss, bias drift] (MoEAux.layer_stats)."""
 
 
-def apply_update(model: MoETransformer, optimizer, runtime: Runtime, grad_clip: float, loss: float) -> tuple[float, bool]:
+def _accumulate_moe_stats(counts: list, stats: list, auxes: list[MoEAux], n_micro: int) -> None:
+    if not counts:
+        counts.extend(torch.zeros_like(a.counts) for a in auxes)
+        stats.extend(torch.zeros(4, dtype=torch.float64) for _ in auxes)
+    for i, aux in enumerate(auxes):
+        counts[i] += aux.counts
+        stats[i] += aux.layer_stats() / n_micro
+
+
+def _sum_token_shares(dims: ParallelDims, totals, counts, stats):
+    """With tokens split over tp, balance/z terms and expert counts are per-share: add the shares (the LM
+    loss is replicated over tp and stays as it is); entropy and bias drift are averaged."""
+    if not dims.tokens_split_over_tp:
+        return totals, counts, stats
+    if totals is not None:
+        totals = torch.cat([totals[:1], dims.reduce_sum(totals[1:], over="tp")])
+    counts = [dims.reduce_sum(c, over="tp") for c in counts]
+    mean = torch.tensor([1.0 / dims.tp, 1.0, 1.0, 1.0 / dims.tp], dtype=torch.float64)
+    stats = [dims.reduce_sum(s, over="tp") * mean for s in stats]
+    return totals, counts, stats
+
+
+def forward_backward(model: MoETransformer, chunks: list[PipelineChunk], microbatches: list[dict],
+                     label_tokens: int, dims: ParallelDims = _SINGLE, dtype: str = "fp32"):
+    """Forward and backward every micro-batch. Returns this rank's shares of (LM loss sum, balance, z) as
+    float64 [3], and per MoE layer (in model order) the expert counts and MoEAux.layer_stats averaged over
+    micro-batches."""
+    b, s = microbatches[0]["input_ids"].shape
+    if dims.sp and s % dims.tp:
+        raise ValueError(f"train.seq_len ({s}) must be divisible by parallel.tp ({dims.tp}) with sequence parallelism")
+    if dims.tokens_split_over_tp and not dims.sp and b % dims.tp:
+        raise ValueError(f"train.micro_batch ({b}) must be divisible by parallel.tp ({dims.tp}) when tensor "
+                         "and expert parallelism are combined")
+    n_micro = len(microbatches)
+    totals = torch.zeros(3, dtype=torch.float64)
+    if not chunks:
+        counts: list[torch.Tensor] = []
+        stats: list[torch.Tensor] = []
+        for mb in microbatches:
+            with autocast(dtype):
+                out = model(mb["input_ids"], mb["positions"], mb["labels"], images=mb.get("images"),
+                            series=mb.get("series"))
+            loss = out.loss_sum / max(label_tokens, 1) + (out.balance_loss + out.z_loss) / n_micro
+            loss.backward()
+            totals += torch.stack([out.loss_sum.detach(), out.balance_loss.detach() / n_micro,
+                                   out.z_loss.detach() / n_micro]).double().cpu()
+            _accumulate_moe_stats(counts, stats, out.moe, n_micro)
+        return _sum_token_shares(dims, totals, counts, stats)
+    with autocast(dtype):
+        pipeline_forward_backward(chunks, microbatches, label_tokens, dims.pp)
+    per_chunk = []  # (virtual stage, counts, layer stats) of this rank's chunks
+    for chunk in chunks:
+        counts, stats = [], []
+        for auxes in chunk.auxes:
+            _accumulate_moe_stats(counts, stats, auxes, n_micro)
+            for a in auxes:
+                totals[1] += float(a.balance_loss) / n_micro
+                totals[2] += float(a.z_loss) / n_micro
+        totals[0] += chunk.last_loss_sum
+        counts, stats = _sum_token_shares(dims, None, counts, stats)[1:]
+        per_chunk.append((chunk.virtual_stage, [c.cpu() for c in counts], stats))
+    totals = _sum_token_shares(dims, totals, [], [])[0]
+    totals = dims.reduce_sum(totals, over="pp")  # every stage holds its layers' terms
+    ordered = sorted((item for rank_chunks in dims.all_gather_object(per_chunk, over="pp") for item in rank_chunks),
+                     key=lambda item: item[0])
+    device = microbatches[0]["input_ids"].device
+    return totals, [c.to(device) for _, cs, _ in ordered for c in cs], [h for _, _, hs in ordered for h in hs]
+
+
+def apply_update(model: MoETransformer, optimizer, dims: ParallelDims, grad_clip: float, loss: float) -> tuple[float, bool]:
     """After the backward: sync and clip gradients, then the loss guard: step (and commit the MoE layers'
     per-step state) unless `loss` (already the same on every rank) or the global grad norm is not finite.
     Returns (grad norm, skipped)."""
-    runtime.sync_grads(model)
-    grad_norm = runtime.clip_grad_norm(model, grad_clip)
+    sync_grads(model, dims)
+    grad_norm = clip_grad_norm(model, dims, grad_clip)
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
     if not skipped:
         optimizer.step()
@@ -48,21 +135,20 @@ def apply_update(model: MoETransformer, optimizer, runtime: Runtime, grad_clip: 
     return grad_norm, skipped
 
 
-def train_step(model: MoETransformer, optimizer, microbatches: list[dict[str, torch.Tensor]],
-               grad_clip: float, dtype: str = "fp32", runtime: Runtime | None = None) -> StepResult:
+def train_step(model: MoETransformer, optimizer, microbatches: list[dict[str, torch.Tensor]], grad_clip: float,
+               dtype: str = "fp32", dims: ParallelDims = _SINGLE, chunks: list[PipelineChunk] | None = None) -> StepResult:
     """Forward/backward every micro-batch, sync and clip gradients, and step unless non-finite."""
-    runtime = runtime or Runtime()
     model.train()
     local_labels = sum(int((mb["labels"] != -100).sum()) for mb in microbatches)
-    label_tokens = int(runtime.reduce_sum(torch.tensor(local_labels)))
-    totals, counts, stats = runtime.forward_backward(model, microbatches, label_tokens, dtype)
-    lm_sum, balance, z = runtime.reduce_sum(totals).tolist()
+    label_tokens = int(dims.reduce_sum(torch.tensor(local_labels)))
+    totals, counts, stats = forward_backward(model, chunks or [], microbatches, label_tokens, dims, dtype)
+    lm_sum, balance, z = dims.reduce_sum(totals).tolist()
     lm_loss = lm_sum / max(label_tokens, 1)
     total = lm_loss + balance + z
-    grad_norm, skipped = apply_update(model, optimizer, runtime, grad_clip, total)
-    counts = [runtime.reduce_sum(c) for c in counts]
-    dp = runtime.dims.dp  # entropy and bias drift: mean over dp ranks; balance and z: shares of a sum
-    stats = [runtime.reduce_sum(s) * torch.tensor([1.0 / dp, 1.0, 1.0, 1.0 / dp], dtype=torch.float64) for s in stats]
-    tokens = int(runtime.reduce_sum(torch.tensor(sum(mb["input_ids"].numel() for mb in microbatches))))
+    grad_norm, skipped = apply_update(model, optimizer, dims, grad_clip, total)
+    counts = [dims.reduce_sum(c) for c in counts]
+    dp = dims.dp  # entropy and bias drift: mean over dp ranks; balance and z: shares of a sum
+    stats = [dims.reduce_sum(s) * torch.tensor([1.0 / dp, 1.0, 1.0, 1.0 / dp], dtype=torch.float64) for s in stats]
+    tokens = int(dims.reduce_sum(torch.tensor(sum(mb["input_ids"].numel() for mb in microbatches))))
     return StepResult(loss=total, lm_loss=lm_loss, balance_loss=balance, z_loss=z, grad_norm=grad_norm,
                       tokens=tokens, skipped=skipped, expert_counts=counts, layer_stats=stats)

@@ -10,10 +10,11 @@ from scimoe.data.loader import StepLoader
 from scimoe.data.sources import build_rows
 from scimoe.model import build_model
 from scimoe.parallel.dims import ParallelDims
-from scimoe.parallel.runtime import make_runtime
-from scimoe.parallel.state import init_process_groups
+from scimoe.parallel.parallelize import parallelize
+from scimoe.parallel.runtime import optimizer_shards, sync_grads
 from scimoe.plan.memory import plan_memory
 from scimoe.train.optim import build_optimizer
+from scimoe.train.step import forward_backward
 
 
 def _tensor_bytes(tensors) -> int:
@@ -22,14 +23,12 @@ def _tensor_bytes(tensors) -> int:
 
 def measure(cfg: Config, dims: ParallelDims, run_dir: str) -> dict:
     """One step of `cfg` in `dims` on this rank: measured bytes and the planner's for this rank."""
-    groups = init_process_groups(dims)
-    runtime = make_runtime(dims, groups, cfg.parallel.pp_layers, cfg.parallel.pp_virtual, cfg.parallel.sequence_parallel)
+    dims = dims.build_groups()
     model = build_model(cfg.model, seed=cfg.train.seed)
-    runtime.prepare(model)
-    optimizer = build_optimizer(model, cfg.train, runtime.optimizer_shards(model, cfg.parallel.zero))
-    dp_rank = groups.dp_rank if not dims.is_single_process else 0
+    chunks = parallelize(model, dims)
+    optimizer = build_optimizer(model, cfg.train, optimizer_shards(model, dims, cfg.parallel.zero))
     loader = StepLoader(build_rows(cfg, run_dir), cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seed,
-                        dp_rank, dims.dp)
+                        dims.groups.dp_rank, dims.dp)
     batches = loader.next_step()
     assert len(batches) == 1, "measure one micro-batch per step"
     owned = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(model.buffers())}
@@ -41,14 +40,14 @@ def measure(cfg: Config, dims: ParallelDims, run_dir: str) -> dict:
             saved[ptr] = t.untyped_storage().nbytes()
         return t
 
-    labels = int(runtime.reduce_sum(torch.tensor(int((batches[0]["labels"] != -100).sum()))))
+    labels = int(dims.reduce_sum(torch.tensor(int((batches[0]["labels"] != -100).sum()))))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        runtime.forward_backward(model, batches, labels)
-    runtime.sync_grads(model)
+        forward_backward(model, chunks, batches, labels, dims)
+    sync_grads(model, dims)
     grads = _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
     optimizer.step()
     adam = _tensor_bytes(t for _, state in optimizer.parameter_states() for t in state.values())
-    stage = plan_memory(cfg, dims.world_size).stages[groups.pp_rank if dims.pp > 1 else 0]
+    stage = plan_memory(cfg, dims.world_size).stages[dims.groups.pp_rank]
     return {
         "params": _tensor_bytes(model.parameters()), "planned_params": stage.params_bytes,
         "grads": grads, "planned_grads": stage.grads_bytes,

@@ -23,8 +23,9 @@ from safetensors.torch import load_file  # noqa: E402
 from scimoe.config import Config, LoggerConfig, ModelConfig, TrainConfig  # noqa: E402
 from scimoe.model.moe.layer import MoELayer  # noqa: E402
 from scimoe.parallel.dims import ParallelDims  # noqa: E402
-from scimoe.parallel.runtime import DistributedRuntime  # noqa: E402
-from scimoe.parallel.state import init_process_groups  # noqa: E402
+from scimoe.parallel.expert import ParallelMoE, apply_expert_parallel, expert_parameters  # noqa: E402
+from scimoe.parallel.deepspeed_groups import register_with_deepspeed  # noqa: E402
+from scimoe.parallel.runtime import clip_grad_norm  # noqa: E402
 from scimoe.train.pretrain import pretrain  # noqa: E402
 from tests.distributed.parity_config import parity_config  # noqa: E402
 
@@ -50,8 +51,7 @@ def run_parity(spec: dict, rank: int, world: int) -> dict:
         first = layout.get("resume_step", 0)  # resume another layout's checkpoint at this step
         if first:
             cfg.checkpoint.resume = os.path.join(spec["workdir"], layout["resume_from"], "checkpoints", f"step_{first:08d}")
-        dims = ParallelDims(world_size=world, rank=rank, ep=layout["ep"], tp=layout.get("tp", 1), pp=layout.get("pp", 1),
-                            etp=layout.get("etp", 1))
+        dims = ParallelDims.from_config(cfg.parallel, world, rank)
         # Balance terms are micro-batch statistics: the union over dp ranks of micro-batch m must be
         # the reference's micro-batch m, or the layouts compute different losses.
         assert layout["micro_batch"] * dims.dp == ref["micro_batch"], (layout, dims.dp, ref["micro_batch"])
@@ -78,7 +78,7 @@ def run_parity(spec: dict, rank: int, world: int) -> dict:
 
 
 class Holder(torch.nn.Module):
-    """A one-layer "model": runtime.prepare walks a model's MoE layers."""
+    """A one-layer "model" for the expert-parallel functions, which walk a model's MoE layers."""
 
     def __init__(self, moe: MoELayer) -> None:
         super().__init__()
@@ -97,15 +97,15 @@ def _layer(ep: int, rank: int, world: int):
                                   group_balance_coef=0.0))
     for p in full.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    dims = ParallelDims(world_size=world, rank=rank, ep=ep)
-    runtime = DistributedRuntime(dims, init_process_groups(dims))
+    dims = ParallelDims(world_size=world, rank=rank, ep=ep).build_groups()
     sharded = MoELayer(16, full.cfg)
     sharded.load_state_dict(full.state_dict())
 
     holder = Holder(sharded)
-    runtime.prepare(holder)
-    sharded.stats_reduce = None  # balance terms are off; compare the layer itself
-    return full, holder, runtime
+    apply_expert_parallel(holder, dims)
+    register_with_deepspeed(dims, expert_parameters(holder))
+    sharded.comm = ParallelMoE(dims, full.cfg.num_experts)  # balance terms are off: no statistics are summed
+    return full, holder, dims
 
 
 def run_dispatch(rank: int, world: int) -> dict:
@@ -126,7 +126,7 @@ def run_dispatch(rank: int, world: int) -> dict:
         x_ref = x.detach().clone().requires_grad_()
         with torch.no_grad():
             chosen = replay if replay is not None else sharded.router(x.view(-1, 16)).indices
-            probe = sharded.dispatcher.dispatch(x.detach().view(-1, 16), chosen)
+            probe = sharded.comm.dispatch(x.detach().view(-1, 16), chosen)
             received, send_splits = int(probe.counts.sum()), probe.send_splits
         y, _ = sharded(x, replay)
         y_ref, _ = full(x_ref, replay)
@@ -153,7 +153,7 @@ def run_dispatch(rank: int, world: int) -> dict:
 
 def run_grad_norm(rank: int, world: int) -> dict:
     """Unequal expert gradients per ep rank: the global norm must count every shard exactly once."""
-    _, model, runtime = _layer(world, rank, world)
+    _, model, dims = _layer(world, rank, world)
     sharded = model.moe
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.5)  # dense: identical on all ranks
@@ -162,7 +162,7 @@ def run_grad_norm(rank: int, world: int) -> dict:
     dense_sq = sum(p.numel() * 0.25 for n, p in model.named_parameters() if ".experts." not in n)
     expert_numel = sum(p.numel() for p in sharded.experts.parameters())
     expected = (dense_sq + sum(expert_numel * (r + 1) ** 2 for r in range(world))) ** 0.5
-    got = runtime.clip_grad_norm(model, max_norm=1.0)
+    got = clip_grad_norm(model, dims, max_norm=1.0)
     clipped = sum(float(p.grad.double().pow(2).sum()) for p in sharded.experts.parameters())
     dist.all_reduce(t := torch.tensor(clipped, dtype=torch.float64))
     dense_after = sum(float(p.grad.double().pow(2).sum()) for n, p in model.named_parameters() if ".experts." not in n)
@@ -206,7 +206,7 @@ def run_mm_parity(spec: dict, rank: int, world: int) -> dict:
     for layout in spec["layouts"]:
         par = {k: layout.get(k, 1) for k in ("tp", "pp", "ep")}
         cfg = mm_config(spec["fixture"], layout["micro_batch"], **par)
-        dims = ParallelDims(world_size=world, rank=rank, **par)
+        dims = ParallelDims.from_config(cfg.parallel, world, rank)
         run = pretrain(cfg, os.path.join(spec["workdir"], layout["name"]), dims=dims, initial_state=initial)
         out[layout["name"]] = {"losses": [r["loss"] for r in run.records], "grad_norms": [r["grad_norm"] for r in run.records],
                                "tokens": [r["tokens_by_modality"] for r in run.records]}
@@ -221,8 +221,7 @@ def run_memory(spec: dict, rank: int, world: int) -> dict:
     out = {}
     for layout in spec["layouts"]:
         cfg = memory_config(**{k: v for k, v in layout.items() if k != "name"}, world=world)
-        dims = ParallelDims(world_size=world, rank=rank, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep,
-                            etp=cfg.parallel.etp)
+        dims = ParallelDims.from_config(cfg.parallel, world, rank)
         mine = measure(cfg, dims, os.path.join(spec["workdir"], layout["name"]))
         everyone = [None] * world
         dist.all_gather_object(everyone, mine)

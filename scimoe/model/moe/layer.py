@@ -5,14 +5,12 @@ Tested by `python -m pytest tests/model/test_moe_layer.py tests/model/test_route
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 from torch import nn
 
 from scimoe.config import MoEConfig
 from scimoe.model.moe import losses
-from scimoe.model.moe.dispatch import LocalDispatcher
+from scimoe.model.communication import LocalMoE, MoECommunication
 from scimoe.model.moe.experts import GroupedExperts, SwiGLU
 from scimoe.model.moe.router import GroupedRouter
 
@@ -57,21 +55,8 @@ class MoELayer(nn.Module):
                                     cfg.norm_topk_prob)
         self.experts = GroupedExperts(cfg.num_experts, hidden, cfg.ffn_hidden)
         self.shared_expert = SwiGLU(hidden, cfg.shared_expert_ffn) if cfg.shared_expert_ffn else None
-        self.dispatcher = LocalDispatcher(cfg.num_experts)
-        self.stats_reduce: Optional[losses.Reduce] = None
-        """Sums statistics over the ranks holding distinct tokens; set by scimoe.parallel, None on one process."""
-        self.sequence_reduce: Optional[losses.Reduce] = None
-        """Sums per-sequence statistics over the ranks holding other positions of the same sequences
-        (sequence parallelism); None when every rank holds whole sequences."""
-        self.sequence_gather = None
-        """Set by scimoe.parallel for sequence parallelism with expert tensor parallelism: the block gathers
-        the tp ranks' positions first (`gather`), runs on all of them, and keeps its own again (`split`)."""
-        self.expert_input_copy = self.expert_output_reduce = None
-        """Set by scimoe.parallel under expert tensor parallelism: the experts' input passes unchanged but its
-        gradient is summed over the etp ranks; their partial outputs are summed."""
-        self.token_split = None
-        """Set by scimoe.parallel when tensor- and expert-parallel ranks share tokens: an object with
-        `parts`, `split(x)` (this rank's contiguous share of the rows) and `gather(y)` (all rows back)."""
+        self.comm: MoECommunication = LocalMoE(cfg.num_experts)
+        """How tokens reach the experts and statistics are summed; scimoe.parallel hands in a parallel one."""
         self.register_buffer("expert_output_ema", torch.zeros(cfg.num_experts, hidden))
         self.register_buffer("load_since_update", torch.zeros(cfg.num_experts), persistent=False)
         # STE-EMA: expert output sums of this optimizer step, folded into Ê when the step commits.
@@ -79,38 +64,28 @@ class MoELayer(nn.Module):
                              "ste_ema" else None, persistent=False)
 
     def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
-        if self.sequence_gather is not None:
-            y, aux = self._forward(self.sequence_gather.gather(x), replay)
-            return self.sequence_gather.split(y), aux
-        return self._forward(x, replay)
-
-    def _forward(self, x: torch.Tensor, replay: torch.Tensor | None) -> tuple[torch.Tensor, MoEAux]:
-        batch, seq, hidden = x.shape
-        flat = x.reshape(-1, hidden)
-        local, local_batch = flat, batch
-        if self.token_split is not None:  # route only this rank's share of the (replicated) tokens
-            local, local_batch = self.token_split.split(flat), batch // self.token_split.parts
-            replay = self.token_split.split(replay) if replay is not None else None
-        routing = self.router(local, replay)
-        routed = torch.bincount(routing.indices.flatten(), minlength=self.cfg.num_experts)
+        comm = self.comm
+        x_all = comm.gather_sequence(x)
+        batch, seq, hidden = x_all.shape
+        flat = x_all.reshape(-1, hidden)
+        tokens, replay = comm.own_share(flat, replay)
+        routing = self.router(tokens, replay)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        sent = self.dispatcher.dispatch(local.to(compute_dtype), routing.indices)
-        expert_in = sent.x if self.expert_input_copy is None else self.expert_input_copy(sent.x)
-        out = self.experts(expert_in, sent.counts)
-        if self.expert_output_reduce is not None:
-            out = self.expert_output_reduce(out)
-        y = self.dispatcher.combine(out, routing.weights, sent)
+        sent = comm.dispatch(tokens.to(compute_dtype), routing.indices)
+        out = comm.expert_outputs(self.experts(sent.x, sent.counts))
+        y = comm.combine(out, routing.weights, sent)
         if self.cfg.router_mode == "ste_ema":
             y = y + self._ema_gradient_path(routing).to(y.dtype)
             if self.training:
                 self.output_sum_since_update.index_add_(0, sent.expert_ids, out.detach().float())
-        if self.token_split is not None:
-            y = self.token_split.gather(y)
+        y = comm.all_shares(y)
         if self.shared_expert is not None:
             y = y + self.shared_expert(flat)
+        routed = torch.bincount(routing.indices.flatten(), minlength=self.cfg.num_experts)
         if self.training:
             self.load_since_update += routed.float()
-        return y.view(batch, seq, hidden).to(x.dtype), self._aux(routing, local_batch, routed)
+        aux = self._aux(routing, batch // comm.share_parts, routed)
+        return comm.split_sequence(y.view(batch, seq, hidden).to(x.dtype)), aux
 
     def _ema_gradient_path(self, routing) -> torch.Tensor:
         """Σ_{j∉S} (p_j − sg p_j)·Ê_j: exactly zero in value, router gradient ⟨∂L/∂y, Ê_j⟩."""
@@ -122,27 +97,25 @@ class MoELayer(nn.Module):
     def _update_output_ema(self, load: torch.Tensor) -> None:
         """Ê_j ← d·Ê_j + (1−d)·mean output of expert j over all its tokens of the step (all ranks); idle
         experts keep Ê_j. Once per optimizer step, so a skipped step leaves Ê untouched."""
-        sums = self.output_sum_since_update
-        if self.stats_reduce is not None:
-            sums = self.stats_reduce(sums)
+        sums = self.comm.reduce_stats(self.output_sum_since_update)
         counts = load.unsqueeze(-1)
         decay = self.cfg.ema_decay
         updated = decay * self.expert_output_ema + (1 - decay) * sums / counts.clamp_min(1.0)
         self.expert_output_ema.copy_(torch.where(counts > 0, updated, self.expert_output_ema))
 
     def _aux(self, routing, batch: int, counts: torch.Tensor) -> MoEAux:
-        cfg, probs, idx = self.cfg, routing.probs, routing.indices
+        cfg, probs, idx, reduce = self.cfg, routing.probs, routing.indices, self.comm.reduce_stats
         zero = probs.new_zeros(())
         balance = zero
         if cfg.aux_loss_coef:
-            balance = balance + cfg.aux_loss_coef * losses.aux_loss(probs, idx, cfg.top_k, self.stats_reduce)
+            balance = balance + cfg.aux_loss_coef * losses.aux_loss(probs, idx, cfg.top_k, reduce)
         if cfg.seq_aux_loss_coef:
             balance = balance + cfg.seq_aux_loss_coef * losses.sequence_aux_loss(
-                probs, idx, cfg.top_k, batch, self.stats_reduce, self.sequence_reduce)
+                probs, idx, cfg.top_k, batch, reduce, self.comm.reduce_sequence_stats)
         if cfg.group_balance_coef:
             balance = balance + cfg.group_balance_coef * losses.group_balance_loss(
-                probs, idx, cfg.top_k, cfg.n_groups, self.stats_reduce)
-        z = cfg.z_loss_coef * losses.z_loss(routing.logits, self.stats_reduce) if cfg.z_loss_coef else zero
+                probs, idx, cfg.top_k, cfg.n_groups, reduce)
+        z = cfg.z_loss_coef * losses.z_loss(routing.logits, reduce) if cfg.z_loss_coef else zero
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
         return MoEAux(balance_loss=balance, z_loss=z, counts=counts.detach(), entropy=entropy, indices=idx,
@@ -153,7 +126,7 @@ class MoELayer(nn.Module):
         """After an optimizer step: aux-loss-free bias and STE-EMA updates from the step's routed loads."""
         if not self.cfg.bias_update_rate and self.output_sum_since_update is None:
             return self.discard_step()
-        load = self.load_since_update if self.stats_reduce is None else self.stats_reduce(self.load_since_update)
+        load = self.comm.reduce_stats(self.load_since_update)
         if self.cfg.bias_update_rate:
             losses.aux_free_bias_update(self.router.selection_bias, load, self.cfg.bias_update_rate)
         if self.output_sum_since_update is not None:

@@ -1,0 +1,231 @@
+"""The run around a recipe's loop, shared by pretraining, SFT and GRPO: layout, model on its device,
+optimizer, resume, logger, checkpoint cadence (`every`, `keep_last`, async save), preemption (signals and
+`train.max_minutes`), the skipped-steps guard, and the FINISHED marker.
+
+Used as `with Session(cfg, run_dir) as s:` by scimoe/train/pretrain.py and scimoe/rl/grpo.py; tested by
+`python -m pytest tests/train/test_session.py tests/train/test_pretrain.py tests/rl`. A recipe reads:
+
+    with Session(cfg, run_dir) as session:
+        state = session.resume()                 # None, or the train state of the checkpoint resumed
+        for step in session.steps():             # the learning rate is set; stops on signals / time
+            ...                                  # forward, backward, session.update(...)
+            if not session.end_step(record, data_state, summary):
+                break                            # a checkpoint was saved because the run must stop
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Iterator
+
+import torch
+
+from scimoe.config import Config
+from scimoe.launch.run_dir import clear_finished, mark_finished
+from scimoe.model import MoETransformer, build_model
+from scimoe.parallel.dims import ParallelDims
+from scimoe.parallel.parallelize import parallelize
+from scimoe.parallel.runtime import optimizer_shards
+from scimoe.parallel.state import gather_coordinates, rank_grid
+from scimoe.train import checkpoint
+from scimoe.train.async_save import AsyncSaver
+from scimoe.train.metrics import make_logger
+from scimoe.train.optim import build_optimizer, lr_at
+from scimoe.train.signals import StopRequest
+from scimoe.train.step import apply_update, autocast
+
+log = logging.getLogger("scimoe")
+
+
+def compute_device() -> torch.device:
+    """This rank's GPU (LOCAL_RANK) when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors, and the tensors inside the media lists (images, (series, rate) pairs), moved to `device`."""
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, tuple):
+            return tuple(move(x) for x in v)
+        return [move(x) for x in v] if isinstance(v, list) else v
+    return {k: move(v) for k, v in batch.items()}
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch on a GPU; the process's resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class Session:
+    """One run of a recipe on this rank. `dims` defaults to the layout torchrun describes with `cfg.parallel`'s
+    sizes; `initial_state` (a full single-process state dict) replaces the seeded initial weights."""
+
+    def __init__(self, cfg: Config, run_dir: str, dims: ParallelDims | None = None,
+                 initial_state: dict | None = None) -> None:
+        self.stop = StopRequest.install(cfg.train.max_minutes)  # before anything slow
+        try:
+            self._start(cfg, run_dir, dims, initial_state)
+        except BaseException:
+            self.stop.close()
+            raise
+
+    def _start(self, cfg: Config, run_dir: str, dims: ParallelDims | None, initial_state: dict | None) -> None:
+        self.cfg, self.run_dir, self.initial_state = cfg, run_dir, initial_state
+        dims = dims or ParallelDims.from_config(cfg.parallel)
+        dims.check_model(cfg.model.moe.num_experts, cfg.model.layers, cfg.model.moe.n_groups)
+        self.dims = dims.build_groups()
+        os.makedirs(run_dir, exist_ok=True)
+        coordinates = gather_coordinates(self.dims)
+        if self.dims.rank == 0:
+            log.info("layout %s, run dir %s", self.dims.describe(), run_dir)
+            if not self.dims.is_single_process:
+                log.info("%s", rank_grid(self.dims, coordinates))
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS on GPUs only
+        torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
+        self.device = compute_device()
+        self.model, self.chunks = self._parallel_model(initial_state)
+        self.optimizer = build_optimizer(self.model, cfg.train, optimizer_shards(self.model, self.dims, cfg.parallel.zero))
+        self.saver = AsyncSaver() if cfg.checkpoint.async_save else None
+        self.logger = None
+        self.start = self.reached = 0
+        self.skipped_in_a_row = 0
+
+    def _parallel_model(self, state: dict | None) -> tuple[MoETransformer, list]:
+        model = build_model(self.cfg.model, seed=self.cfg.train.seed)
+        if state is not None:
+            model.load_state_dict(state)
+        chunks = parallelize(model, self.dims)
+        return model.to(self.device), chunks
+
+    def starting_model(self) -> MoETransformer:
+        """A frozen copy of the policy as the run started (seeded, `initial_state` or checkpoint.init_weights),
+        sharded like it: GRPO's KL reference. It reads no checkpoint of this run, so resuming does not move it."""
+        model, _ = self._parallel_model(self.initial_state)
+        if self.cfg.checkpoint.init_weights:
+            self._load_init_weights(model)
+        return model.eval().requires_grad_(False)
+
+    def _load_init_weights(self, model: MoETransformer) -> None:
+        source = checkpoint.find_resume_path(self.run_dir, self.cfg.checkpoint.init_weights, "checkpoint.init_weights")
+        checkpoint.load_weights(source, model, self.dims)
+
+    def resume(self) -> dict | None:
+        """Continue from the checkpoint `checkpoint.resume` names (the train state it saved) or start from
+        checkpoint.init_weights (None); then open the logger at the right step."""
+        cfg = self.cfg
+        state = None
+        path = checkpoint.find_resume_path(self.run_dir, cfg.checkpoint.resume)
+        if path:
+            state = checkpoint.load(path, self.model, self.optimizer, self.dims)
+            self.start = self.reached = state["step"]
+            log.info("resumed from %s (step %d)", path, self.start)
+        elif cfg.checkpoint.init_weights:
+            self._load_init_weights(self.model)
+            log.info("initial weights from %s", cfg.checkpoint.init_weights)
+        self._check_balance_scope(state)
+        self.logger = make_logger(cfg.logger, self.run_dir, self.dims.rank == 0, dataclasses.asdict(cfg),
+                                  resume_step=self.start)
+        if self.dims.rank == 0 and self.start < cfg.train.steps:
+            clear_finished(self.run_dir)
+        return state
+
+    @property
+    def balance_scope(self) -> int:
+        """Sequences each balance statistic is taken over: one micro-batch of every data-parallel rank."""
+        return self.cfg.train.micro_batch * self.dims.dp
+
+    def _check_balance_scope(self, state: dict | None) -> None:
+        if self.dims.rank != 0:
+            return
+        log.info("balance statistics over train.micro_batch × dp = %d × %d = %d sequences per micro-step; "
+                 "another layout reproduces this run when that product is the same", self.cfg.train.micro_batch,
+                 self.dims.dp, self.balance_scope)
+        saved = (state or {}).get("balance_scope")
+        if saved is not None and saved != self.balance_scope:
+            log.warning("the resumed checkpoint took balance statistics over %d sequences, this run over %d "
+                        "(train.micro_batch × dp changed): the loss continues, but not exactly as before",
+                        saved, self.balance_scope)
+
+    def steps(self) -> Iterator[int]:
+        """Optimizer steps (0-based) from where the run stands to `train.steps`, the learning rate set for each.
+        A stop requested before the first step (a signal during start-up) ends the run here, cleanly."""
+        if self.start < self.cfg.train.steps and self.stop.signalled(self.dims.any_rank):
+            log.info("stop requested (%s) before the first step: nothing to save, exiting",
+                     self.stop.reason or "another rank")
+            return
+        for step in range(self.start, self.cfg.train.steps):
+            self.optimizer.set_lr(lr_at(step, self.cfg.train))
+            yield step
+
+    def autocast(self):
+        return autocast(self.cfg.train.dtype)
+
+    def update(self, loss: float) -> tuple[float, bool]:
+        """Sync, clip and step after the backward unless `loss` or the grad norm is not finite (see apply_update)."""
+        return apply_update(self.model, self.optimizer, self.dims, self.cfg.train.grad_clip, loss)
+
+    def end_step(self, record: dict, data_state: dict, summary: str) -> bool:
+        """Log the step, enforce the skipped-steps guard, save when due; False when the run must stop now
+        (a checkpoint was saved)."""
+        cfg, step = self.cfg, record["step"]
+        self.reached = step
+        self.logger.log(record)
+        if self.dims.rank == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+            log.info("step %d | %s%s", step, summary, " | SKIPPED (non-finite)" if record.get("skipped") else "")
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if record.get("skipped") else 0
+        if self.skipped_in_a_row >= cfg.train.max_skipped_in_a_row:
+            raise RuntimeError(f"{self.skipped_in_a_row} steps in a row had a non-finite loss or grad norm "
+                               f"(train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}); stopping. The last "
+                               f"complete checkpoint is kept in {checkpoint.checkpoint_root(self.run_dir)}")
+        last = step == cfg.train.steps
+        stopping = self.stop.should_stop(self.dims.any_rank)
+        leaving = stopping or bool(cfg.train.exit_after_steps and step - self.start >= cfg.train.exit_after_steps)
+        if last or leaving or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            self.save(step, data_state)
+        if leaving and not last:
+            why = f"stop requested ({self.stop.reason or 'another rank'})" if stopping else \
+                f"train.exit_after_steps={cfg.train.exit_after_steps} reached"
+            log.info("%s at step %d: checkpoint saved, exiting", why, step)
+            return False
+        return True
+
+    def save(self, step: int, data_state: dict) -> None:
+        def on_complete() -> None:
+            checkpoint.prune(self.run_dir, self.cfg.checkpoint.keep_last)
+            log.info("saved %s", checkpoint.step_dir(self.run_dir, step))
+
+        from omegaconf import OmegaConf
+
+        checkpoint.save(self.run_dir, step, self.model, self.optimizer, data_state,
+                        OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), self.dims, self.saver,
+                        on_complete if self.dims.rank == 0 else None,
+                        extra_state={"balance_scope": self.balance_scope})
+
+    def close(self, failed: bool = False) -> None:
+        """Wait for the save in flight, mark the run FINISHED when it reached `train.steps` (also when a
+        resume found nothing left to do), and release the logger and signal handlers."""
+        try:
+            if self.saver is not None and not failed:
+                self.saver.wait()  # the last checkpoint is complete before the run reports success
+            if not failed and self.dims.rank == 0 and self.reached == self.cfg.train.steps:
+                mark_finished(self.run_dir, self.cfg.train.steps)
+        finally:
+            self.stop.close()
+            if self.logger is not None:
+                self.logger.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self.close(failed=kind is not None)

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scimoe.data.indexed import indexed_rows  # noqa: E402
 from scimoe.data.loader import StepLoader  # noqa: E402
-from scimoe.data.multimodal import DataReport, multimodal_rows, read_records  # noqa: E402
+from scimoe.data.multimodal import multimodal_rows, read_samples  # noqa: E402
 from scimoe.data.preprocess import preprocess  # noqa: E402
 from scimoe.data.text import bundled_corpus_path, read_documents  # noqa: E402
 from scimoe.config import compose_config  # noqa: E402
@@ -75,7 +75,7 @@ def main() -> None:
     print(f"loader, .bin/.idx rows: {text_samples:,.0f} rows/s, {text_tok:,.0f} tok/s ({text_tok / train_tok:,.0f}× training)")
     fixture = write_fixture(os.path.join(tmp, "mm"), repeats=8, bad=False)
     began = time.perf_counter()
-    docs = read_records(fixture, False, DataReport())
+    docs = read_samples(fixture, [])
     read_s = time.perf_counter() - began
     mm_cfg = compose_config(["model=tiny_mm", "data=multimodal", f"data.path={fixture}", "train.seq_len=512",
                              "train.global_batch=4", "train.micro_batch=2", "train.steps=6", "logger=none"])

@@ -1,5 +1,5 @@
-"""Multimodal samples: interleaved text, images and time series from JSONL or Parquet, read through HF
-`datasets` (local files or streaming), validated, tokenized with placeholders and packed.
+"""Multimodal samples: interleaved text, images and time series from JSONL or Parquet (scimoe/data/records.py;
+Parquet and `data.streaming=true` through HF `datasets`), validated, tokenized with placeholders and packed.
 
 Tested by `python -m pytest tests/data/test_multimodal.py`. A record is `{"segments": [...]}` with items
 - `{"type": "text", "text": "..."}`
@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from scimoe.data.tokenizer import EOS, load_tokenizer, train_bpe, run_tokenizer_path
+from scimoe.config import ConfigError
+from scimoe.data.packing import Document, PackedRows, PackReport, pack
+from scimoe.data.records import BadRecord, check_bad_share, read_records
+from scimoe.data.tokenizer import EOS, tokenizer_for_run
 from scimoe.model.timeseries import ts_token_count
 from scimoe.model.vision import image_token_count, native_size
 
@@ -33,12 +36,10 @@ log = logging.getLogger("scimoe")
 MEAN, STD = 0.5, 0.5  # image normalisation to [-1, 1]
 
 
-class BadRecord(ValueError):
-    """A record that cannot be used (the message says why)."""
-
-
 @dataclass
-class Document:
+class Sample:
+    """One multimodal record, decoded."""
+
     parts: list[tuple[str, object]] = field(default_factory=list)
     """(kind, payload) in order: ("text", str), ("image", [3, H, W] tensor), ("time_series", (values, rate))."""
 
@@ -49,13 +50,6 @@ class Document:
     @property
     def series(self) -> list[tuple[torch.Tensor, float]]:
         return [p for kind, p in self.parts if kind == "time_series"]
-
-
-@dataclass
-class DataReport:
-    documents: int = 0
-    bad: list[str] = field(default_factory=list)
-    tokens: dict[str, int] = field(default_factory=lambda: {"text": 0, "image": 0, "time_series": 0})
 
 
 def load_image(item: dict, base_dir: str) -> torch.Tensor:
@@ -128,78 +122,42 @@ def _has_header(path: str) -> int:
         return 1
 
 
-def parse_record(record: object, base_dir: str) -> Document:
+def parse_record(record: object, base_dir: str) -> Sample:
+    """A record's segments decoded (images resized to their native size, series checked)."""
+    if isinstance(record, dict) and isinstance(record.get("segments"), str):  # Parquet may hold them as JSON text
+        try:
+            record = dict(record, segments=json.loads(record["segments"]))
+        except ValueError as err:
+            raise BadRecord(f"segments are not JSON: {err}") from err
     if not isinstance(record, dict) or not isinstance(record.get("segments"), list) or not record["segments"]:
         raise BadRecord("no 'segments' list")
-    doc = Document()
+    sample = Sample()
     for i, item in enumerate(record["segments"]):
         kind = item.get("type") if isinstance(item, dict) else None
         if kind == "text":
             if not isinstance(item.get("text"), str) or not item["text"].strip():
                 raise BadRecord(f"segments[{i}]: empty text")
-            doc.parts.append(("text", item["text"]))
+            sample.parts.append(("text", item["text"]))
         elif kind == "image":
-            doc.parts.append(("image", load_image(item, base_dir)))
+            sample.parts.append(("image", load_image(item, base_dir)))
         elif kind == "time_series":
-            doc.parts.append(("time_series", load_series(item, base_dir)))
+            sample.parts.append(("time_series", load_series(item, base_dir)))
         else:
             raise BadRecord(f"segments[{i}]: unknown type {kind!r}")
-    return doc
+    return sample
 
 
-def read_records(path: str, streaming: bool, report: DataReport) -> list[Document]:
-    """Every good record of a .jsonl or .parquet file, through HF datasets; bad ones go to the report."""
-    from datasets import load_dataset
-
+def read_samples(path: str, bad: list[str], streaming: bool = False) -> list[Sample]:
+    """Every good record of a .jsonl or .parquet file (scimoe/data/records.py); bad ones go to `bad`."""
     base = os.path.dirname(os.path.abspath(path))
-    if path.endswith(".parquet"):
-        rows = ((i + 1, row) for i, row in enumerate(load_dataset("parquet", data_files=path, split="train",
-                                                                   streaming=streaming)))
-    else:  # JSON Lines: read as text lines so one broken line costs one record, not the file
-        lines = load_dataset("text", data_files=path, split="train", streaming=streaming)
-        rows = ((i + 1, line["text"]) for i, line in enumerate(lines))
-    docs = []
-    for number, raw in rows:
-        try:
-            if isinstance(raw, str):
-                if not raw.strip():
-                    continue
-                try:
-                    raw = json.loads(raw)
-                except ValueError as err:
-                    raise BadRecord(f"not JSON: {err}") from err
-            elif isinstance(raw.get("segments"), str):  # Parquet columns may hold the segments as JSON text
-                raw = dict(raw, segments=json.loads(raw["segments"]))
-            docs.append(parse_record(raw, base))
-        except BadRecord as err:
-            report.bad.append(f"{path}:{number}: {err}")
-    return docs
+    return read_records(path, lambda record: parse_record(record, base), bad, streaming)
 
 
-@dataclass
-class MultimodalRows:
-    """Packed rows plus, per row, its images and series in order of appearance."""
-
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    labels: torch.Tensor
-    images: list[list[torch.Tensor]]
-    series: list[list[tuple[torch.Tensor, float]]]
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def rows(self, index: torch.Tensor) -> dict:
-        picked = index.tolist()
-        return {"input_ids": self.input_ids[index], "positions": self.positions[index], "labels": self.labels[index],
-                "images": [img for i in picked for img in self.images[i]],
-                "series": [s for i in picked for s in self.series[i]]}
-
-
-def tokenize_document(doc: Document, tok, image_id: int, ts_id: int, window: int, report: DataReport) -> list[int]:
-    """Text tokens, and per image / series as many placeholder ids as the encoder will produce vectors."""
+def tokenize_sample(sample: Sample, tok, image_id: int, ts_id: int, window: int, tokens: dict[str, int]) -> list[int]:
+    """Text tokens, and per image / series as many placeholder ids as the encoder will produce vectors;
+    `tokens` counts them by modality."""
     ids: list[int] = []
-    for kind, payload in doc.parts:
+    for kind, payload in sample.parts:
         if kind == "text":
             piece = tok.encode(payload).ids
         elif kind == "image":
@@ -207,74 +165,32 @@ def tokenize_document(doc: Document, tok, image_id: int, ts_id: int, window: int
         else:
             values, rate = payload
             piece = [ts_id] * ts_token_count(values.shape[0], rate, window)
-        report.tokens[kind] += len(piece)
+        tokens[kind] += len(piece)
         ids.extend(piece)
     return ids
 
 
-def pack_multimodal(docs: list[tuple[list[int], Document]], seq_len: int, pad_id: int, placeholders: set[int],
-                    report: DataReport, paths: list[str]) -> MultimodalRows:
-    rows: list[tuple[list[int], list[int], list[int]]] = []
-    media: list[tuple[list, list]] = []
-    ids: list[int] = []
-    pos: list[int] = []
-    lab: list[int] = []
-    images: list = []
-    series: list = []
-
-    def close() -> None:
-        pad = seq_len - len(ids)
-        rows.append((ids + [pad_id] * pad, pos + [0] * pad, lab + [-100] * pad))
-        media.append((images, series))
-
-    for (tokens, doc), where in zip(docs, paths):
-        if len(tokens) > seq_len:
-            report.bad.append(f"{where}: {len(tokens)} tokens do not fit train.seq_len ({seq_len})")
-            continue
-        if len(ids) + len(tokens) > seq_len:
-            close()
-            ids, pos, lab, images, series = [], [], [], [], []
-        ids += tokens
-        pos += range(len(tokens))
-        lab += [t if t not in placeholders else -100 for t in tokens[1:]] + [-100]
-        images = images + doc.images
-        series = series + doc.series
-        report.documents += 1
-    if ids:
-        close()
-    if not rows:
-        raise ValueError("multimodal data produced no rows")
-    return MultimodalRows(*(torch.tensor([r[k] for r in rows]) for k in range(3)),
-                          images=[m[0] for m in media], series=[m[1] for m in media])
-
-
-def multimodal_rows(cfg, run_dir: str) -> MultimodalRows:
+def multimodal_rows(cfg, run_dir: str) -> PackedRows:
     """The `multimodal` data source: `data.path` (.jsonl or .parquet records)."""
     if not cfg.data.path:
-        raise ValueError("config error at 'data.path': the multimodal source needs a .jsonl or .parquet file")
-    report = DataReport()
-    docs = read_records(cfg.data.path, cfg.data.streaming, report)
-    total = len(docs) + len(report.bad)
-    if total and len(report.bad) / total > cfg.data.max_bad_fraction:
-        raise ValueError(f"{len(report.bad)} of {total} records of {cfg.data.path} are bad (first: {report.bad[0]}), "
-                         f"more than data.max_bad_fraction={cfg.data.max_bad_fraction}")
-    saved = os.path.join(run_dir, "tokenizer.json")
-    path = run_tokenizer_path(cfg, run_dir)
-    if path:
-        tok = load_tokenizer(path, cfg.model.vocab_size)
-    else:
-        tok = train_bpe([p for d in docs for kind, p in d.parts if kind == "text"], cfg.model.vocab_size)
-        os.makedirs(run_dir, exist_ok=True)
-        tok.save(f"{saved}.tmp{os.getpid()}")
-        os.replace(f"{saved}.tmp{os.getpid()}", saved)
+        raise ConfigError("config error at 'data.path': the multimodal source needs a .jsonl or .parquet file")
+    bad: list[str] = []
+    samples = read_samples(cfg.data.path, bad, cfg.data.streaming)
+    check_bad_share(bad, len(samples), cfg.data.max_bad_fraction, "data.max_bad_fraction", cfg.data.path)
+    tok = tokenizer_for_run(cfg, run_dir, lambda: [p for s in samples for kind, p in s.parts if kind == "text"])
     m = cfg.model
     eos = tok.token_to_id(EOS)
-    tokenized = [(tokenize_document(d, tok, m.image_token_id, m.ts_token_id, m.timeseries.window, report) + [eos], d)
-                 for d in docs]
-    rows = pack_multimodal(tokenized, cfg.train.seq_len, eos, {m.image_token_id, m.ts_token_id}, report,
-                           [f"{cfg.data.path}: document {i + 1}" for i in range(len(tokenized))])
-    for line in report.bad[:20]:
+    placeholders = {m.image_token_id, m.ts_token_id}
+    tokens = {"text": 0, "image": 0, "time_series": 0}
+    docs = []
+    for i, sample in enumerate(samples):
+        ids = tokenize_sample(sample, tok, m.image_token_id, m.ts_token_id, m.timeseries.window, tokens) + [eos]
+        docs.append(Document(ids, [t not in placeholders for t in ids], sample.images, sample.series,
+                             where=f"{cfg.data.path}: document {i + 1}"))
+    report = PackReport()
+    rows = pack(docs, cfg.train.seq_len, eos, "drop", report)  # whole documents: media never straddle rows
+    for line in report.dropped[:20]:
         log.warning("skipped %s", line)
-    log.info("multimodal data: %d documents in %d rows; tokens %s; %d bad records", report.documents, len(rows),
-             report.tokens, len(report.bad))
+    log.info("multimodal data: %d documents in %d rows; tokens %s; %d bad records, %d too long", report.documents,
+             len(rows), tokens, len(bad), len(report.dropped))
     return rows

@@ -1,12 +1,15 @@
 """Byte-level BPE tokenizer trained in-process (no hub download) or loaded from a JSON file.
 
-Tested by `python -m pytest tests/data/test_text_data.py`.
+Tested by `python -m pytest tests/data/test_text_data.py tests/train/test_sft.py`.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import os
+from typing import Callable, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from scimoe.config import ConfigError
 
 EOS = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS, "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|ts_pad|>", "<think>", "</think>",
@@ -35,15 +38,32 @@ def load_tokenizer(path: str, vocab_size: int) -> Tokenizer:
     return tok
 
 
+def tokenizer_for_run(cfg, run_dir: str, texts: Callable[[], Iterable[str]]) -> Tokenizer:
+    """The run's tokenizer: `data.tokenizer`, else the one this run folder saved earlier (a resumed run keeps its
+    ids), else a byte-level BPE trained on `texts()` and saved as `run_dir/tokenizer.json`. Checked against
+    model.vocab_size whichever it is."""
+    path = run_tokenizer_path(cfg, run_dir)
+    if path:
+        return load_tokenizer(path, cfg.model.vocab_size)
+    tok = train_bpe(texts(), cfg.model.vocab_size)
+    if tok.get_vocab_size() > cfg.model.vocab_size:
+        raise ConfigError(f"config error at 'model.vocab_size': {cfg.model.vocab_size} is too small for a byte-level "
+                          f"BPE: it needs at least {tok.get_vocab_size()} ids (256 bytes + special tokens)")
+    os.makedirs(run_dir, exist_ok=True)
+    saved = os.path.join(run_dir, "tokenizer.json")
+    tmp = f"{saved}.tmp{os.getpid()}"  # every rank may train the same one: each renames its own copy
+    tok.save(tmp)
+    os.replace(tmp, saved)
+    return tok
+
+
 def run_tokenizer_path(cfg, run_dir: str) -> str | None:
     """The tokenizer a data source must load: `data.tokenizer`, else the run folder's own (a resumed run
     keeps its ids), else None (train one). Starting from `checkpoint.init_weights` without either is an
     error: those weights only make sense with the tokenizer they were trained with."""
-    import os
-
     saved = os.path.join(run_dir, "tokenizer.json")
     path = cfg.data.tokenizer or (saved if os.path.exists(saved) else None)
     if path is None and cfg.checkpoint.init_weights:
-        raise ValueError("config error at 'data.tokenizer': checkpoint.init_weights needs the tokenizer those "
+        raise ConfigError("config error at 'data.tokenizer': checkpoint.init_weights needs the tokenizer those "
                          "weights were trained with (e.g. data.tokenizer=PRETRAIN_RUN/tokenizer.json)")
     return path

@@ -1,7 +1,7 @@
 """Expert parallelism: experts sharded over the ep group, dropless all-to-all dispatch and combine.
 
 Tested by `tests/distributed/test_parity.py` (layouts ep2, ep4, ep2×dp2 against one process) and
-`tests/distributed/test_dispatch.py` (skewed routing, a rank that receives no token). Token counts are
+the dispatch launch in the same file (skewed routing, a rank that receives no token). Token counts are
 exchanged first, then token rows with uneven splits through the autograd-aware all_to_all_single.
 """
 from __future__ import annotations

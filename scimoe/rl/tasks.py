@@ -7,11 +7,12 @@ Tested by `python -m pytest tests/rl`.
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 
+from scimoe.config import ConfigError
 from scimoe.data import chat
+from scimoe.data.records import check_bad_share, read_records
 from scimoe.data.tokenizer import EOS, load_tokenizer
 
 
@@ -60,22 +61,21 @@ def addition_task(max_operand: int) -> Task:
     return Task(prompts, tok)
 
 
-def jsonl_task(path: str, tokenizer_path: str, vocab_size: int, thinking: bool) -> Task:
+def jsonl_task(path: str, tokenizer_path: str, vocab_size: int, thinking: bool, max_bad_fraction: float,
+               streaming: bool = False) -> Task:
+    """Prompt records of `path` (scimoe/data/records.py: a bad one is skipped and reported by line)."""
     tok = HFTokenizer(tokenizer_path, vocab_size)
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
-                text = chat.text(chat.render(messages, record.get("tools"), thinking, add_generation_prompt=True))
-                prompts.append((tok.encode(text), str(record["answer"])))
-            except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: not a prompt record ({err})") from err
+
+    def parse(record) -> tuple[list[int], str]:
+        messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
+        text = chat.text(chat.render(messages, record.get("tools"), thinking, add_generation_prompt=True))
+        return tok.encode(text), str(record["answer"])
+
+    bad: list[str] = []
+    prompts = read_records(path, parse, bad, streaming)
+    check_bad_share(bad, len(prompts), max_bad_fraction, "data.max_bad_fraction", path)
     if not prompts:
-        raise ValueError(f"data.path {path} has no prompts")
+        raise ConfigError(f"config error at 'data.path': {path} has no prompts")
     return Task(prompts, tok)
 
 
@@ -83,8 +83,9 @@ def build_task(cfg) -> Task:
     if cfg.grpo.task == "addition":
         return addition_task(cfg.grpo.addition_max)
     if not cfg.data.path or not cfg.data.tokenizer:
-        raise ValueError("config error at 'grpo.task': jsonl needs data.path (prompts) and data.tokenizer")
-    return jsonl_task(cfg.data.path, cfg.data.tokenizer, cfg.model.vocab_size, cfg.sft.thinking)
+        raise ConfigError("config error at 'grpo.task': jsonl needs data.path (prompts) and data.tokenizer")
+    return jsonl_task(cfg.data.path, cfg.data.tokenizer, cfg.model.vocab_size, cfg.sft.thinking,
+                      cfg.data.max_bad_fraction, cfg.data.streaming)
 
 
 __all__ = ["Task", "build_task", "CharTokenizer", "EOS"]

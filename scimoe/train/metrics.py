@@ -1,6 +1,6 @@
 """Per-step metrics: MoE health per layer, the load heatmap, and the loggers (jsonl, wandb, none).
 
-Tested by `python -m pytest tests/train/test_metrics.py`. `make_logger` returns an object with
+Tested by `python -m pytest tests/train/test_report.py tests/train/test_pretrain.py`. `make_logger` returns an object with
 `log(dict)` and `close()` whatever the backend, so the loop has no logger branches.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Layout-independent tensor files: every rank writes the slices it holds, tagged with where they sit in
 the single-process tensor, and any layout reads back exactly the slices it needs.
 
-Tested by `python -m pytest tests/train/test_shards.py tests/distributed/test_layout_change.py`.
+Tested by `python -m pytest tests/train/test_shards.py tests/distributed/test_parity.py` (resumes across layouts).
 A file is a safetensors blob whose metadata maps each entry to (name, global shape, offsets). Replicas
 (dp copies, the FoPE tables on every pipeline stage) are written once, by the lowest rank holding them,
 so a checkpoint holds each element of each tensor exactly once whatever the layout. Reading assembles a

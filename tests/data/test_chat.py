@@ -6,7 +6,9 @@ import json
 import pytest
 
 from scimoe.data import chat
-from scimoe.data.sft import SFTReport, pack_conversations, read_conversations
+from scimoe.data.packing import Document, PackReport, pack
+from scimoe.data.records import read_records
+from scimoe.data.sft import parse_conversation
 from scimoe.data.tokenizer import train_bpe
 
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -65,8 +67,8 @@ def test_the_loss_mask_covers_exactly_the_assistant_spans_token_by_token():
     assert spans == ['<think>\nUse the tool.\n</think>\n\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}'
                      '\n</tool_call><|im_end|>', "<think>\nTwo and two.\n</think>\n\n4<|im_end|>"]
     # Labels: the token before each trained token predicts it; nothing else carries a label.
-    report = SFTReport()
-    rows = pack_conversations([(ids, trained)], 512, 0, "truncate", report)
+    report = PackReport()
+    rows = pack([Document(ids, trained)], 512, 0, "truncate", report)
     labels = rows.labels[0].tolist()
     for t in range(len(ids) - 1):
         assert labels[t] == (ids[t + 1] if trained[t + 1] else -100), t
@@ -74,14 +76,14 @@ def test_the_loss_mask_covers_exactly_the_assistant_spans_token_by_token():
 
 
 def test_packing_truncation_and_drop_are_counted():
-    convs = [([1, 2, 3], [False, True, True]), ([4] * 10, [True] * 10), ([5, 6], [False, True])]
-    report = SFTReport()
-    rows = pack_conversations(convs, 6, 0, "truncate", report)
+    convs = [Document([1, 2, 3], [False, True, True]), Document([4] * 10, [True] * 10), Document([5, 6], [False, True])]
+    report = PackReport()
+    rows = pack(convs, 6, 0, "truncate", report)
     assert report.truncated == 1 and rows.input_ids.tolist() == [[1, 2, 3, 0, 0, 0], [4] * 6, [5, 6, 0, 0, 0, 0]]
     assert rows.positions.tolist()[0] == [0, 1, 2, 0, 0, 0]
-    report = SFTReport()
-    rows = pack_conversations(convs, 6, 0, "drop", report)
-    assert report.dropped == 1 and rows.input_ids.tolist() == [[1, 2, 3, 5, 6, 0]]
+    report = PackReport()
+    rows = pack(convs, 6, 0, "drop", report)
+    assert len(report.dropped) == 1 and rows.input_ids.tolist() == [[1, 2, 3, 5, 6, 0]]
     assert rows.positions.tolist() == [[0, 1, 2, 0, 1, 0]]  # two conversations, positions restart
     assert rows.labels.tolist() == [[2, 3, -100, 6, -100, -100]]
 
@@ -91,11 +93,11 @@ def test_bad_records_are_skipped_with_file_and_line(tmp_path):
     good = {"messages": [QUESTION, ANSWER]}
     path.write_text("\n".join([json.dumps(good), "{not json", json.dumps({"messages": [{"role": "robot"}]}),
                                json.dumps({"text": "no messages"}), json.dumps(good)]) + "\n")
-    report = SFTReport()
-    records = read_conversations(str(path), report)
+    bad: list[str] = []
+    records = read_records(str(path), parse_conversation, bad)
     assert len(records) == 2
-    assert [b.split(": ")[0] for b in report.bad] == [f"{path}:2", f"{path}:3", f"{path}:4"]
-    assert "'robot' is not one of" in report.bad[1]
+    assert [b.split(": ")[0] for b in bad] == [f"{path}:2", f"{path}:3", f"{path}:4"]
+    assert "'robot' is not one of" in bad[1]
     with pytest.raises(chat.ChatFormatError, match=r"messages\[0\].content: unknown item type 'audio'"):
         chat.render([{"role": "user", "content": [{"type": "audio"}]}])
     assert chat.text(chat.render([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}])) \

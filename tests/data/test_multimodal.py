@@ -9,7 +9,7 @@ import torch
 
 from scimoe.config import Config, DataConfig, ModelConfig, TrainConfig
 from scimoe.data.loader import StepLoader
-from scimoe.data.multimodal import DataReport, multimodal_rows, read_records
+from scimoe.data.multimodal import multimodal_rows, read_samples
 from scimoe.config import compose_config
 from scimoe.model import build_model
 from scimoe.model.timeseries import ts_token_count
@@ -31,15 +31,15 @@ def _cfg(path: str, seq_len: int = 256, **data) -> Config:
 
 
 def test_every_bad_record_kind_is_skipped_and_reported_with_its_line(fixture):
-    report = DataReport()
-    docs = read_records(fixture, streaming=False, report=report)
+    bad: list[str] = []
+    docs = read_samples(fixture, bad)
     assert len(docs) == 20
-    reasons = [line.split(": ", 2)[1:] for line in report.bad]
-    assert [line.split(":")[1] for line in report.bad] == ["21", "22", "23", "24", "25", "26"]
+    reasons = [line.split(": ", 2)[1:] for line in bad]
+    assert [line.split(":")[1] for line in bad] == ["21", "22", "23", "24", "25", "26"]
     for expected in ("not JSON", "unreadable image", "NaN or Inf", "length × channels", "empty text",
                      "sampling_rate must be a number > 0"):
         assert any(expected in " ".join(r) for r in reasons), expected
-    streamed = read_records(fixture, streaming=True, report=DataReport())  # the same through streaming
+    streamed = read_samples(fixture, [], streaming=True)  # the same through streaming
     assert len(streamed) == 20 and torch.equal(streamed[0].images[0], docs[0].images[0])
 
 
@@ -132,10 +132,10 @@ def test_parquet_records_read_like_jsonl(fixture, tmp_path):
             if "path" in seg:
                 seg["path"] = str(__import__("pathlib").Path(fixture).parent / seg["path"])
     pq.write_table(pa.table({"segments": [json.dumps(r["segments"]) for r in lines]}), str(tmp_path / "s.parquet"))
-    report = DataReport()
-    docs = read_records(str(tmp_path / "s.parquet"), streaming=False, report=report)
-    want = read_records(fixture, streaming=False, report=DataReport())[:6]
-    assert report.bad == [] and len(docs) == 6
+    bad: list[str] = []
+    docs = read_samples(str(tmp_path / "s.parquet"), bad)
+    want = read_samples(fixture, [])[:6]
+    assert bad == [] and len(docs) == 6
     assert [k for k, _ in docs[0].parts] == [k for k, _ in want[0].parts]
     assert all(torch.equal(a, b) for a, b in zip(docs[0].images, want[0].images))
 

@@ -1,6 +1,6 @@
 """Dropless token dispatch on one process: sort token copies by expert, and combine them back.
 
-Tested through `tests/model/test_moe_layer.py`. The expert-parallel dispatcher in
+Tested through `python -m pytest tests/model/test_experts.py tests/model/test_router.py`. The expert-parallel dispatcher in
 `scimoe/parallel/` offers the same two calls with an all-to-all in between.
 """
 from __future__ import annotations

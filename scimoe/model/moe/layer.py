@@ -1,6 +1,6 @@
 """The MoE block: router → dispatch → grouped SwiGLU experts → combine, plus its balance terms.
 
-Tested by `python -m pytest tests/model/test_moe_layer.py tests/model/test_router.py`.
+Tested by `python -m pytest tests/model/test_experts.py tests/model/test_router.py tests/model/test_balance_losses.py`.
 """
 from __future__ import annotations
 

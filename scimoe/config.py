@@ -7,6 +7,7 @@ run when `validate(cfg)` turns the composed config into these dataclasses.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -21,6 +22,11 @@ class ConfigError(ValueError):
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config error at '{key}': {message}")
+
+
+def _positive(obj, prefix: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        _require(getattr(obj, key) > 0, f"{prefix}.{key}", f"must be positive, got {getattr(obj, key)}")
 
 
 @dataclass
@@ -61,6 +67,11 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         _require(self.num_experts > 0, "model.moe.num_experts", "must be positive")
+        _require(self.ffn_hidden > 0, "model.moe.ffn_hidden", f"must be positive, got {self.ffn_hidden}")
+        for key in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "group_balance_coef", "bias_update_rate"):
+            _require(getattr(self, key) >= 0, f"model.moe.{key}", f"must be >= 0, got {getattr(self, key)}")
+        for key in ("shared_expert_ffn", "dense_layers", "dense_ffn_hidden"):
+            _require(getattr(self, key) >= 0, f"model.moe.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(0 < self.top_k <= self.num_experts, "model.moe.top_k",
                  f"must be in 1..num_experts ({self.num_experts}), got {self.top_k}")
         _require(self.n_groups > 0 and self.num_experts % self.n_groups == 0, "model.moe.n_groups",
@@ -90,6 +101,10 @@ class VisionModelConfig:
     freeze: bool = False
     """Keep the encoder's weights fixed (no gradient, not in the optimizer)."""
 
+    def __post_init__(self) -> None:
+        _positive(self, "model.vision", ("hidden", "layers", "heads", "mlp", "grid"))
+        _require(self.hidden % self.heads == 0, "model.vision.heads", f"must divide model.vision.hidden ({self.hidden})")
+
 
 @dataclass
 class TimeSeriesModelConfig:
@@ -108,6 +123,12 @@ class TimeSeriesModelConfig:
     """Bound on the per-patch attention scores held at once (patches × heads × positions²), which sets how
     many patches are encoded together: ~32 MiB of fp32 scores whatever the signal length."""
     freeze: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "model.timeseries", ("hidden", "patch_hidden", "layers", "heads", "patch_layers", "window",
+                                             "chunk_elements"))
+        _require(self.hidden % self.heads == 0, "model.timeseries.heads",
+                 f"must divide model.timeseries.hidden ({self.hidden})")
 
 
 @dataclass
@@ -164,6 +185,12 @@ class ModelConfig:
         _require(self.head_dim % 2 == 0, "model.head_dim", "must be even (rotary pairs)")
         _require(self.pos_emb in ("fope", "rope"), "model.pos_emb", f"must be fope or rope, got '{self.pos_emb}'")
         _require(self.moe.dense_layers <= self.layers, "model.moe.dense_layers", "exceeds model.layers")
+        for key in ("rope_theta", "rms_eps", "init_std", "embed_init_std"):
+            _require(getattr(self, key) > 0, f"model.{key}", f"must be > 0, got {getattr(self, key)}")
+        _require(self.fope_init_factor >= 0, "model.fope_init_factor", "must be >= 0")
+        for key in ("image_token_id", "ts_token_id"):
+            _require(0 <= getattr(self, key) < self.vocab_size, f"model.{key}",
+                     f"must be a token id below model.vocab_size ({self.vocab_size}), got {getattr(self, key)}")
 
 
 @dataclass
@@ -224,6 +251,12 @@ class TrainConfig:
         _require(self.exit_after_steps >= 0, "train.exit_after_steps", "must be >= 0")
         _require(self.max_minutes >= 0, "train.max_minutes", "must be >= 0")
         _require(self.max_skipped_in_a_row >= 1, "train.max_skipped_in_a_row", "must be >= 1")
+        _require(self.seed >= 0, "train.seed", "must be >= 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        for key in ("beta1", "beta2"):
+            _require(0 <= getattr(self, key) < 1, f"train.{key}", f"must be in [0, 1), got {getattr(self, key)}")
+        _require(self.eps > 0, "train.eps", "must be > 0")
+        _require(self.log_every >= 1, "train.log_every", "must be >= 1")
 
 
 @dataclass
@@ -292,7 +325,9 @@ class CheckpointConfig:
     every: int = 0
     """Save every N optimizer steps (and at the last step); 0 = only at the end."""
     resume: str = "auto"
-    """`auto` (newest complete checkpoint in the run folder, else start fresh), `never`, or a path."""
+    """`auto` (the newest usable checkpoint in the run folder; a fresh start when there is none; an error listing
+    them when checkpoints exist but none is usable), `auto_or_fresh` (the same, but start over from step 0
+    rather than stop), `never`, or a checkpoint folder."""
     keep_last: int = 0
     """Keep only the newest N complete checkpoints; 0 keeps all."""
     async_save: bool = False
@@ -302,9 +337,16 @@ class CheckpointConfig:
     """Start a fresh run (step 0, new optimizer) from the weights of this checkpoint folder, saved in any
     layout or made by `scimoe-import`; ignored when `resume` finds a checkpoint to continue."""
 
+    on_save_error: str = "stop"
+    """A save that fails (disk full, I/O error): `stop` the run (the error names the checkpoint) or `continue`
+    training; either way the previous complete checkpoint stays the one resume uses."""
+
     def __post_init__(self) -> None:
         _require(self.every >= 0, "checkpoint.every", "must be >= 0")
         _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+        _require(bool(self.resume), "checkpoint.resume", "must be auto, auto_or_fresh, never or a checkpoint folder")
+        _require(self.on_save_error in ("stop", "continue"), "checkpoint.on_save_error",
+                 f"must be stop or continue, got '{self.on_save_error}'")
 
 
 @dataclass
@@ -323,6 +365,7 @@ class LoggerConfig:
     def __post_init__(self) -> None:
         _require(self.kind in ("jsonl", "wandb", "none"), "logger.kind", f"must be jsonl, wandb or none, got '{self.kind}'")
         _require(self.mode in ("offline", "online", "disabled"), "logger.mode", f"bad wandb mode '{self.mode}'")
+        _require(self.heatmap_every >= 0, "logger.heatmap_every", "must be >= 0")
 
 
 @dataclass
@@ -392,6 +435,9 @@ class ClusterConfig:
                  f"{self.gpus} is not a whole number of nodes of {self.gpus_per_node}")
         _require(self.peak_tflops >= 0, "cluster.peak_tflops", "must be >= 0")
         _require(self.signal_seconds >= 0, "cluster.signal_seconds", "must be >= 0")
+        _require(self.max_requeues >= 0, "cluster.max_requeues", "must be >= 0")
+        _require(self.cpus_per_task > 0, "cluster.cpus_per_task", "must be positive")
+        _require(0 < self.rdzv_port < 65536, "cluster.rdzv_port", f"must be a port number, got {self.rdzv_port}")
 
     @property
     def nodes(self) -> int:
@@ -442,6 +488,13 @@ class GRPOConfig:
         _require(self.group_size >= 2, "grpo.group_size", "must be >= 2 (advantages compare completions)")
         _require(self.prompts_per_step >= 1 and self.max_new_tokens >= 1, "grpo.prompts_per_step", "must be positive")
         _require(self.temperature > 0, "grpo.temperature", "must be > 0")
+        _require(self.addition_max >= 0, "grpo.addition_max", "must be >= 0")
+        _require(self.top_k >= 0, "grpo.top_k", "must be >= 0 (0: no top-k filter)")
+        _require(0 <= self.clip_low < 1, "grpo.clip_low", f"must be in [0, 1), got {self.clip_low}")
+        _require(self.clip_high >= 0, "grpo.clip_high", "must be >= 0")
+        _require(self.kl_coef >= 0, "grpo.kl_coef", "must be >= 0")
+        for name, weight in self.rewards.items():
+            _require(math.isfinite(weight), f"grpo.rewards.{name}", f"must be a finite weight, got {weight}")
         _require(0 < self.top_p <= 1, "grpo.top_p", "must be in (0, 1]")
         _require(self.kl_estimator in ("k1", "k2", "k3"), "grpo.kl_estimator", f"unknown '{self.kl_estimator}'")
         _require(self.aggregation in ("token_mean", "seq_mean"), "grpo.aggregation", f"unknown '{self.aggregation}'")
@@ -482,10 +535,30 @@ def validate(cfg: "DictConfig | Config") -> Config:
         return cfg
     from omegaconf import OmegaConf
 
+    _refuse_unknown_keys(cfg, Config, "")
     obj: Any = OmegaConf.to_object(cfg)
     if not isinstance(obj, Config):
         raise TypeError("the composed config is not a scimoe Config (did config.yaml lose its schema?)")
     return obj
+
+
+def _refuse_unknown_keys(node, schema: type, prefix: str) -> None:
+    """Keys the schema does not declare (Hydra's `+key=value` adds them even to a structured config)."""
+    import dataclasses
+    import difflib
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    known = [f.name for f in dataclasses.fields(schema)]
+    for key in node.keys():
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; {prefix.rstrip('.') or 'the config'} has " \
+                f"{', '.join(known)}"
+            raise ConfigError(f"config error at '{prefix}{key}': unknown key{hint}")
+        inner = hints.get(key)
+        if dataclasses.is_dataclass(inner) and node[key] is not None:
+            _refuse_unknown_keys(node[key], inner, f"{prefix}{key}.")
 
 
 def compose_config(overrides: list[str]) -> Config:

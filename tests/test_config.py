@@ -59,10 +59,36 @@ def test_cli_stops_before_any_work_on_a_bad_value(tmp_path):
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
 
 
-def test_cli_names_an_unknown_key(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "scimoe.train", "train.stepz=5", f"hydra.run.dir={tmp_path}"],
+@pytest.mark.parametrize("override, message", [
+    ("+train.stepz=1000", "config error at 'train.stepz' (override '+train.stepz=1000'): unknown key; did you mean "
+                          "'train.steps'?"),
+    ("+model.moe.num_expert=8", "config error at 'model.moe.num_expert' (override '+model.moe.num_expert=8'): "
+                                "unknown key; did you mean 'model.moe.num_experts'?"),
+    ("train.stepz=5", "config error at 'train.stepz' (override 'train.stepz=5')"),
+    ("model.moe.ffn_hidden=-64", "config error at 'model.moe.ffn_hidden' (override 'model.moe.ffn_hidden=-64'): must "
+                                 "be positive, got -64"),
+    ("model.vision.heads=0", "config error at 'model.vision.heads' (override 'model.vision.heads=0'): must be positive"),
+    ("grpo.clip_low=1.5", "config error at 'grpo.clip_low' (override 'grpo.clip_low=1.5')"),
+    ("train.steps=[", "cannot parse the override 'train.steps=['"),
+    ("train.steps=abc", "config error at 'train.steps' (override 'train.steps=abc')"),
+    ("model=nope", "config error at 'model' (override 'model=nope')"),
+])
+def test_every_bad_override_is_refused_naming_it(override, message):
+    from scimoe.config import ConfigError
+    from scimoe.train.overrides import check_command_line
+
+    with pytest.raises(ConfigError) as err:
+        check_command_line([override, "hydra.run.dir=x"])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["+train.stepz=1000", "data.source=os.system", "train.steps=["])
+def test_cli_config_errors_exit_2_without_a_traceback(tmp_path, override):
+    proc = subprocess.run([sys.executable, "-m", "scimoe.train", override, f"hydra.run.dir={tmp_path / 'run'}"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "stepz" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"(override '{override}')" in proc.stderr or f"override '{override}'" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_registry_resolves_aliases_and_allowed_paths_only(monkeypatch):

@@ -14,7 +14,7 @@ import torch
 
 from scimoe.config import Config
 from scimoe.data.loader import StepLoader
-from scimoe.data.sources import build_rows
+from scimoe.data.sources import build_rows, data_source
 from scimoe.launch.hardware import peak_tflops
 from scimoe.model.counting import training_flops_per_token
 from scimoe.parallel.dims import ParallelDims
@@ -48,9 +48,10 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
              gather_final_weights: bool = False) -> PretrainResult:
     """Train to `cfg.train.steps`, resuming if asked (see Session for `dims` and `initial_state`)."""
     records: list[dict] = []
+    source = data_source(cfg)  # a data.source that does not exist is refused before any work
     with Session(cfg, run_dir, dims, initial_state) as session:
         dims, model = session.dims, session.model
-        loader = StepLoader(build_rows(cfg, run_dir), cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seed,
+        loader = StepLoader(build_rows(cfg, run_dir, source), cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seed,
                             dims.groups.dp_rank, dims.dp)
         state = session.resume()
         if state is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 from typing import Iterator
 
 import torch
@@ -30,6 +31,7 @@ from scimoe.parallel.runtime import optimizer_shards
 from scimoe.parallel.state import gather_coordinates, rank_grid
 from scimoe.train import checkpoint
 from scimoe.train.async_save import AsyncSaver
+from scimoe.train.checkpoint_dir import CheckpointSaveError
 from scimoe.train.metrics import make_logger
 from scimoe.train.optim import build_optimizer, lr_at
 from scimoe.train.signals import StopRequest
@@ -187,6 +189,7 @@ class Session:
             raise RuntimeError(f"{self.skipped_in_a_row} steps in a row had a non-finite loss or grad norm "
                                f"(train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}); stopping. The last "
                                f"complete checkpoint is kept in {checkpoint.checkpoint_root(self.run_dir)}")
+        self._poll_async_save()
         last = step == cfg.train.steps
         stopping = self.stop.should_stop(self.dims.any_rank)
         leaving = stopping or bool(cfg.train.exit_after_steps and step - self.start >= cfg.train.exit_after_steps)
@@ -200,23 +203,61 @@ class Session:
         return True
 
     def save(self, step: int, data_state: dict) -> None:
+        """Checkpoint `step` (every rank); a failed save stops the run or is reported, as
+        checkpoint.on_save_error says."""
         def on_complete() -> None:
             checkpoint.prune(self.run_dir, self.cfg.checkpoint.keep_last)
             log.info("saved %s", checkpoint.step_dir(self.run_dir, step))
 
         from omegaconf import OmegaConf
 
-        checkpoint.save(self.run_dir, step, self.model, self.optimizer, data_state,
-                        OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), self.dims, self.saver,
-                        on_complete if self.dims.rank == 0 else None,
-                        extra_state={"balance_scope": self.balance_scope})
+        self._warn_if_disk_is_short(step)
+        try:
+            checkpoint.save(self.run_dir, step, self.model, self.optimizer, data_state,
+                            OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), self.dims, self.saver,
+                            on_complete if self.dims.rank == 0 else None,
+                            extra_state={"balance_scope": self.balance_scope})
+        except CheckpointSaveError as err:
+            self._save_failed(err)
+
+    def _poll_async_save(self) -> None:
+        """A background save that failed since the last step: every rank learns it and applies the policy."""
+        if self.saver is None:
+            return
+        err = self.saver.poll()
+        if self.dims.any_rank(err is not None):
+            self._save_failed(err or CheckpointSaveError("an asynchronous checkpoint save failed on another rank"))
+
+    def _save_failed(self, err: BaseException) -> None:
+        if self.cfg.checkpoint.on_save_error == "stop":
+            raise err
+        done = checkpoint.complete_checkpoints(self.run_dir)
+        log.error("%s; checkpoint.on_save_error=continue: training goes on, a resume now would use %s", err,
+                  done[-1][1] if done else "no checkpoint (start over)")
+
+    def _warn_if_disk_is_short(self, step: int) -> None:
+        if self.dims.rank != 0:
+            return
+        done = checkpoint.complete_checkpoints(self.run_dir)
+        need = checkpoint.size_bytes(done[-1][1]) if done else 0
+        try:
+            free = shutil.disk_usage(self.run_dir).free
+        except OSError:
+            return
+        if need and free < need:
+            log.warning("checkpoint %s needs about %.2f GiB (the size of the last one) but %.2f GiB are free on %s: "
+                        "the save may fail", checkpoint.step_dir(self.run_dir, step), need / 2**30, free / 2**30,
+                        self.run_dir)
 
     def close(self, failed: bool = False) -> None:
         """Wait for the save in flight, mark the run FINISHED when it reached `train.steps` (also when a
         resume found nothing left to do), and release the logger and signal handlers."""
         try:
             if self.saver is not None and not failed:
-                self.saver.wait()  # the last checkpoint is complete before the run reports success
+                try:
+                    self.saver.wait()  # the last checkpoint is complete before the run reports success
+                except CheckpointSaveError as err:
+                    self._save_failed(err)
             if not failed and self.dims.rank == 0 and self.reached == self.cfg.train.steps:
                 mark_finished(self.run_dir, self.cfg.train.steps)
         finally:

@@ -110,7 +110,7 @@ def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
     runs = sorted(glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*")))
     assert len(runs) == 2
     run_id = (tmp_path / "run" / "wandb_run_id").read_text().strip()
-    assert all(r.endswith(f"-{run_id}") for r in runs), runs
+    assert all(os.path.exists(os.path.join(r, f"run-{run_id}.wandb")) for r in runs), runs  # one wandb run
     c.checkpoint.resume = "never"  # a new run in the same folder is a new wandb run
     pretrain(c, str(tmp_path / "run"))
     assert (tmp_path / "run" / "wandb_run_id").read_text().strip() != run_id

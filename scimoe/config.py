@@ -449,8 +449,9 @@ class GRPOConfig:
     """RL with verifiable rewards (recipe=grpo); the sampling defaults are Intern-S1-Pro's."""
 
     task: str = "addition"
-    """Prompt source: `addition` (built-in toy: `a+b=` → the sum) or `jsonl` (data.path records with
-    `prompt` or `messages` and `answer`; data.tokenizer)."""
+    """Prompt source: `addition` (built-in toy: `a+b=` → the sum), `lookup` (built-in multi-turn tool toy: the
+    answer is a secret that only the `lookup` tool knows; use grpo.max_turns ≥ 1) or `jsonl` (data.path records
+    with `prompt` or `messages` and `answer`; data.tokenizer)."""
     addition_max: int = 4
     """The addition task's largest operand (sums stay single digits up to 4+4)."""
     prompts_per_step: int = 8
@@ -467,24 +468,47 @@ class GRPOConfig:
     rewards: dict[str, float] = field(default_factory=lambda: {"exact_match": 1.0})
     """Reward functions (exact_match, think_format, tool_call_json or allow-listed dotted paths) → weights."""
     scale_std: bool = True
-    """Divide group-centred rewards by the group's std (False: only centre them)."""
+    """Divide group-centred rewards by the group's std (False: only centre them, as Dr. GRPO does)."""
+    std: str = "population"
+    """Which std scales advantages: `population` (kept as the default: it is what earlier scimoe runs used) or
+    `sample` (verl's and TRL's); they differ by the constant sqrt(G/(G−1)) for group size G."""
     clip_low: float = 0.2
     """ε_low: the ratio is clipped below at 1 − ε_low."""
     clip_high: float = 0.28
     """ε_high: clipped above at 1 + ε_high (a higher ceiling keeps exploration: DAPO's clip-higher)."""
+    clip_ratio_c: float = 0.0
+    """Dual clip for negative advantages: the per-token loss is at most −c·A (c > 1, e.g. 3); 0 = off."""
+    ratio_level: str = "token"
+    """`token` (GRPO/PPO) or `sequence` (GSPO: one length-normalised ratio per sequence, clipped per sequence;
+    use much smaller clip ranges, e.g. clip_low=3e-4 clip_high=4e-4)."""
+    tis_cap: float = 2.0
+    """With old_logprobs=rollout: ratios are taken against the trainer's recomputed log-probs and each token's
+    loss is weighted by min(π_old / π_rollout, tis_cap) (truncated importance sampling), correcting for a
+    sampler that differs from the trainer; 0 uses the rollout log-probs as the old policy, uncorrected."""
     kl_coef: float = 0.0
     """β of the KL penalty to the frozen starting policy (0: no reference model)."""
     kl_estimator: str = "k3"
     """k1, k2 or k3 (see scimoe/rl/loss.py)."""
     aggregation: str = "token_mean"
-    """token_mean (over all completion tokens) or seq_mean (per sequence, then over sequences)."""
+    """token_mean (over all completion tokens), seq_mean (per sequence, then over sequences) or constant_length
+    (Dr. GRPO: the token sum / (sequences × grpo.max_new_tokens))."""
     old_logprobs: str = "recompute"
     """recompute (a no-grad forward of the policy before the update) or rollout (stored while sampling)."""
     router_replay: bool = True
     """Force the experts chosen during rollout in the training forward; metrics report the mismatch."""
+    max_turns: int = 0
+    """Tool calls a trajectory may make (multi-turn rollouts, scimoe/rl/tools.py); 0 = single turn, no tools."""
+    tools: dict[str, str] = field(default_factory=dict)
+    """Tools a rollout may call: name → `calculator` or an allow-listed dotted path of a Python function taking
+    the call's arguments as keywords (the task may bring its own, e.g. `lookup`)."""
+    tool_timeout_s: float = 2.0
+    """A tool running longer than this answers `error: … took longer than …` (0: no limit)."""
 
     def __post_init__(self) -> None:
-        _require(self.task in ("addition", "jsonl"), "grpo.task", f"must be addition or jsonl, got '{self.task}'")
+        _require(self.task in ("addition", "lookup", "jsonl"), "grpo.task",
+                 f"must be addition, lookup or jsonl, got '{self.task}'")
+        _require(self.max_turns >= 0, "grpo.max_turns", "must be >= 0")
+        _require(self.tool_timeout_s >= 0, "grpo.tool_timeout_s", "must be >= 0")
         _require(self.group_size >= 2, "grpo.group_size", "must be >= 2 (advantages compare completions)")
         _require(self.prompts_per_step >= 1 and self.max_new_tokens >= 1, "grpo.prompts_per_step", "must be positive")
         _require(self.temperature > 0, "grpo.temperature", "must be > 0")
@@ -497,7 +521,12 @@ class GRPOConfig:
             _require(math.isfinite(weight), f"grpo.rewards.{name}", f"must be a finite weight, got {weight}")
         _require(0 < self.top_p <= 1, "grpo.top_p", "must be in (0, 1]")
         _require(self.kl_estimator in ("k1", "k2", "k3"), "grpo.kl_estimator", f"unknown '{self.kl_estimator}'")
-        _require(self.aggregation in ("token_mean", "seq_mean"), "grpo.aggregation", f"unknown '{self.aggregation}'")
+        _require(self.aggregation in ("token_mean", "seq_mean", "constant_length"), "grpo.aggregation",
+                 f"unknown '{self.aggregation}'")
+        _require(self.std in ("population", "sample"), "grpo.std", f"must be population or sample, got '{self.std}'")
+        _require(self.clip_ratio_c == 0 or self.clip_ratio_c > 1, "grpo.clip_ratio_c", "must be 0 (off) or > 1")
+        _require(self.ratio_level in ("token", "sequence"), "grpo.ratio_level", f"unknown '{self.ratio_level}'")
+        _require(self.tis_cap >= 0, "grpo.tis_cap", "must be >= 0")
         _require(self.old_logprobs in ("recompute", "rollout"), "grpo.old_logprobs", f"unknown '{self.old_logprobs}'")
 
 

@@ -43,7 +43,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor:
         """`cache` (generation): a dict holding this layer's rotated keys and values so far, extended in
-        place; a call either fills an empty cache (the prompt) or adds one token per sequence."""
+        place by every call (the prompt, then one or more tokens per sequence)."""
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim))
@@ -53,10 +53,13 @@ class Attention(nn.Module):
         causal = mask is None
         if cache is not None:
             if "k" in cache:
-                if t != 1 or mask is not None:
-                    raise ValueError("a KV cache extends by one token per sequence, without a document mask")
+                if mask is not None:
+                    raise ValueError("a KV cache extends whole sequences, without a document mask")
+                past = cache["k"].shape[1]
                 k, v = torch.cat((cache["k"], k), dim=1), torch.cat((cache["v"], v), dim=1)
-                causal = False  # the one new query sees every cached key
+                causal = False
+                if t > 1:  # several new tokens (a tool's response): each sees the past and the new ones before it
+                    mask = torch.arange(past + t, device=x.device)[None] <= past + torch.arange(t, device=x.device)[:, None]
             cache["k"], cache["v"] = k, v
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).to(q.dtype), attn_mask=mask,

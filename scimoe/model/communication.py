@@ -27,6 +27,12 @@ class TextCommunication(Protocol):
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum of next-token cross-entropy over positions with labels != −100."""
 
+    def target_logprobs(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(target) [..] over the whole vocabulary (with gradient) and the entropy [..] (without)."""
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary (they may be held in vocabulary shards)."""
+
 
 class MoECommunication(Protocol):
     """Everything an MoE block exchanges: which tokens it routes, where they are computed, and the sums its
@@ -39,7 +45,8 @@ class MoECommunication(Protocol):
     def split_sequence(self, y: torch.Tensor) -> torch.Tensor: ...
 
     def own_share(self, tokens: torch.Tensor, replay: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This rank's share of flat tokens [T, H] (and of the replayed experts [T, K]) to route."""
+        """This rank's share of flat tokens [T, H] to route, and the replayed experts of those tokens, given for
+        whole sequences as [B, S, K]."""
 
     def all_shares(self, y: torch.Tensor) -> torch.Tensor:
         """Every rank's share of the block's output, back in token order."""
@@ -72,6 +79,15 @@ class LocalText:
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
+    def target_logprobs(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logp_all = logits.float().log_softmax(-1)
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
 
 class LocalMoE(LocalDispatcher):
     """One process: every token routed here, every expert here, nothing to sum."""
@@ -85,7 +101,7 @@ class LocalMoE(LocalDispatcher):
         return y
 
     def own_share(self, tokens, replay):
-        return tokens, replay
+        return tokens, (replay.reshape(-1, replay.shape[-1]) if replay is not None else None)
 
     def all_shares(self, y: torch.Tensor) -> torch.Tensor:
         return y

@@ -19,7 +19,7 @@ class _Split(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        return _gather(grad.contiguous(), ctx.group, ctx.parts, ctx.dim), None, None, None, None
+        return gather_along(grad.contiguous(), ctx.group, ctx.parts, ctx.dim), None, None, None, None
 
 
 class _Gather(torch.autograd.Function):
@@ -30,14 +30,14 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, rank, parts, dim):  # noqa: D102
         ctx.rank, ctx.parts, ctx.dim = rank, parts, dim
-        return _gather(x.contiguous(), group, parts, dim)
+        return gather_along(x.contiguous(), group, parts, dim)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         return grad.chunk(ctx.parts, dim=ctx.dim)[ctx.rank].contiguous(), None, None, None, None
 
 
-def _gather(x: torch.Tensor, group, parts: int, dim: int) -> torch.Tensor:
+def gather_along(x: torch.Tensor, group, parts: int, dim: int) -> torch.Tensor:
     pieces = [torch.empty_like(x) for _ in range(parts)]
     dist.all_gather(pieces, x, group=group)  # a list: gloo has no all_gather_into_tensor
     return torch.cat(pieces, dim=dim)

@@ -122,6 +122,10 @@ class ParallelMoE:
         return self.sequence.split(y) if self.sequence else y
 
     def own_share(self, tokens: torch.Tensor, replay: torch.Tensor | None):
+        if replay is not None:
+            if self.sequence_group:  # this rank holds positions [r·S/tp, (r+1)·S/tp) of each sequence
+                replay = replay.chunk(self.dims.tp, dim=1)[self.groups.tp_rank]
+            replay = replay.reshape(-1, replay.shape[-1])
         if self.share is None:
             return tokens, replay
         return self.share.split(tokens), (self.share.split(replay) if replay is not None else None)

@@ -37,5 +37,11 @@ def parallelize(model: MoETransformer, dims: ParallelDims) -> list[PipelineChunk
     apply_expert_tensor_parallel(model, dims)
     if dims.ep > 1:
         register_with_deepspeed(dims, expert_parameters(model))
-    model.use_communication(TensorParallelText(dims), lambda moe: ParallelMoE(dims, moe.cfg.num_experts))
+    install_communication(model, dims)
     return build_chunks(model, dims) if dims.pp > 1 else []
+
+
+def install_communication(model: MoETransformer, dims: ParallelDims) -> None:
+    """The transformer's and every MoE block's communication for `dims` (generation swaps in the layout without
+    sequence parallelism and back)."""
+    model.use_communication(TensorParallelText(dims), lambda moe: ParallelMoE(dims, moe.cfg.num_experts))

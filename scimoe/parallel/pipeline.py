@@ -53,15 +53,19 @@ class PipelineChunk(nn.Module):
     def set_input_tensor(self, tensor) -> None:
         self.input_tensor = tensor[0] if isinstance(tensor, list) else tensor
 
-    def forward(self, mb: dict[str, torch.Tensor], label_tokens: int, aux_grad_scale: float) -> torch.Tensor:
-        """Last stage: this micro-batch's share of the global LM loss; others: hidden states [s, b, h]."""
+    def forward(self, mb: dict[str, torch.Tensor], label_tokens: int, aux_grad_scale: float, head=None):
+        """Last stage: this micro-batch's share of the global LM loss, or `head(logits, mb)` → (loss, extras);
+        others: hidden states [s, b, h]. `mb["replay"]` (per MoE layer, or None) forces experts."""
         if self.first:
             x = self.model.comm.split_sequence(self.model.embed(mb["input_ids"], mb.get("images"), mb.get("series")))
         else:
             x = self.input_tensor.transpose(0, 1)
-        x, auxes = self.model.run_layers(x, mb["positions"], self.layer_ids, aux_grad_scale=aux_grad_scale)
+        x, auxes = self.model.run_layers(x, mb["positions"], self.layer_ids, mb.get("replay"),
+                                         aux_grad_scale=aux_grad_scale)
         self.auxes.append(auxes)
         if self.last:
+            if head is not None:
+                return head(self.model.output(x, None)[0], mb)
             _, loss_sum, _ = self.model.output(x, mb["labels"])
             self.last_loss_sum += float(loss_sum.detach())
             return loss_sum / max(label_tokens, 1)
@@ -103,9 +107,12 @@ def megatron_pipeline_config(model: MoETransformer, dims: ParallelDims):
 
 
 def pipeline_forward_backward(chunks: list[PipelineChunk], microbatches: list[dict[str, torch.Tensor]],
-                              label_tokens: int, pp: int) -> None:
+                              label_tokens: int, pp: int, head=None, aux_grad_scale: float | None = None,
+                              forward_only: bool = False) -> list[dict]:
     """1F1B (interleaved when a rank has several chunks) over the micro-batches; each chunk keeps its
-    layers' MoE statistics per micro-batch in `auxes`, the last one its loss sum."""
+    layers' MoE statistics per micro-batch in `auxes`, the last one its loss sum. With `head(logits, mb) ->
+    (loss, extras)` the last stage's loss is the head's; returns the extras of each micro-batch on the last
+    stage ([] elsewhere). Balance terms enter times `aux_grad_scale` (default 1 / micro-batches)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     n_micro, virtual = len(microbatches), len(chunks)
@@ -115,15 +122,20 @@ def pipeline_forward_backward(chunks: list[PipelineChunk], microbatches: list[di
     for chunk in chunks:
         chunk.auxes, chunk.last_loss_sum = [], 0.0
 
+    scale = 1.0 / n_micro if aux_grad_scale is None else aux_grad_scale
+
     def forward_step(data: Iterator, model: PipelineChunk):
         mb = next(data)
-        out = model(mb, label_tokens, 1.0 / n_micro)
+        out = model(mb, label_tokens, scale, head)
+        extras = {}
+        if head is not None and model.last:
+            out, extras = out
 
         def loss_func(loss: torch.Tensor):
-            return loss, torch.tensor(int((mb["labels"] != -100).sum())), {}
+            return loss, torch.tensor(1 if head else int((mb["labels"] != -100).sum())), extras
         return out, loss_func
 
     b, s = microbatches[0]["input_ids"].shape
     schedule = get_forward_backward_func(pp_size=pp, vp_size=virtual if virtual > 1 else None)
-    schedule(forward_step_func=forward_step, data_iterator=[iter(microbatches) for _ in chunks], model=chunks,
-             num_microbatches=n_micro, seq_length=s, micro_batch_size=b, forward_only=False)
+    return schedule(forward_step_func=forward_step, data_iterator=[iter(microbatches) for _ in chunks], model=chunks,
+                    num_microbatches=n_micro, seq_length=s, micro_batch_size=b, forward_only=forward_only)

@@ -99,6 +99,7 @@ class TensorParallelText(LocalText):
     def __init__(self, dims: ParallelDims) -> None:
         self.shards = TokenSplit(dims.groups.tp, dims.groups.tp_rank, dims.tp, dim=1) if dims.sp else None
         self.vocab_parallel = dims.tp > 1
+        self.group, self.parts = dims.groups.tp, dims.tp
 
     def split_sequence(self, x: torch.Tensor) -> torch.Tensor:
         return self.shards.split(x) if self.shards else x
@@ -113,6 +114,31 @@ class TensorParallelText(LocalText):
 
         mask = labels != -100
         return (vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(~mask, 0)) * mask).sum()
+
+    def target_logprobs(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.vocab_parallel:
+            return super().target_logprobs(logits, targets)
+        import torch.distributed as dist
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        logp = -vocab_parallel_cross_entropy(logits.float().clone(), targets)  # megatron shifts its input in place
+        with torch.no_grad():  # H = lse − Σ p·z over the shards
+            z = logits.float()
+            top = z.max(-1, keepdim=True).values
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
+            total = (z - top).exp().sum(-1, keepdim=True)
+            dist.all_reduce(total, group=self.group)
+            lse = top + total.log()
+            weighted = ((z - lse).exp() * z).sum(-1)
+            dist.all_reduce(weighted, group=self.group)
+        return logp, lse.squeeze(-1) - weighted
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.vocab_parallel:
+            return logits
+        from scimoe.parallel.comm_ops import gather_along
+
+        return gather_along(logits.contiguous(), self.group, self.parts, logits.dim() - 1)
 
 
 def is_tensor_parallel(param: torch.Tensor) -> bool:

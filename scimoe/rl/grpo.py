@@ -2,48 +2,37 @@
 on the clipped, group-normalised objective.
 
 Run: `scimoe-train recipe=grpo` (the toy addition task on a tiny model; `grpo.task=jsonl data.path=…
-data.tokenizer=… checkpoint.init_weights=…` for real prompts). Tested by `python -m pytest tests/rl`.
+data.tokenizer=… checkpoint.init_weights=…` for real prompts; `grpo.task=lookup grpo.max_turns=2` for the
+multi-turn tool toy). Tested by `python -m pytest tests/rl tests/distributed/test_generation.py`.
 Reads top to bottom: session (layout, model, optimizer, resume, checkpoints, signals) → frozen reference →
-task and rewards → per step: rollout (KV cache, experts recorded) → rewards and advantages → old/reference
-log-probs → update (router replay) → metrics. Data and expert parallel under torchrun: each rank samples its
-share of the step's prompts (with ep the ranks decode in lockstep, every forward being an all-to-all);
-gradients are summed (each rank's loss is its share of the global token mean).
+task and rewards → per step: rollout (KV cache, experts recorded, tools called) → rewards and advantages →
+old/reference log-probs → update (router replay) → metrics. Every layout training has runs it: each
+data-parallel rank samples its share of the prompts, tp and pp ranks of one replica sample the same tokens
+(scimoe/rl/generate.py), expert-parallel ranks decode in lockstep; the update is this rank's share of the
+global loss, its gradients summed like pretraining's.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import time
 
 import torch
 
 from scimoe.config import Config, ConfigError
-from scimoe.model import MoETransformer
 from scimoe.parallel.dims import ParallelDims
-from scimoe.rl.generate import Rollout, sample
-from scimoe.rl.loss import group_advantages, policy_loss
+from scimoe.parallel.expert import routes_token_shares
+from scimoe.rl.generate import Policy, sample
+from scimoe.rl.loss import group_advantages, tis_weight
 from scimoe.rl.rewards import build_reward
+from scimoe.rl.scoring import completions, logprob_head, policy_head, rollout_batch
 from scimoe.rl.tasks import build_task
+from scimoe.rl.tools import build_tools, sample_with_tools
 from scimoe.train.session import Session
+from scimoe.train.step import forward_with_head
 
-
-def token_logprobs(model: MoETransformer, rollouts: list[Rollout], temperature: float,
-                   replay: bool) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """Per completion token log-probs [N, T] of the sampled tokens (temperature-scaled), their entropy,
-    and the MoE aux outputs; with `replay` the recorded experts are forced."""
-    tokens = torch.cat([r.tokens for r in rollouts])
-    p = rollouts[0].prompt_len
-    inputs = tokens[:, :-1]
-    experts = None
-    if replay:
-        experts = [torch.cat([r.experts[j] for r in rollouts]).reshape(-1, rollouts[0].experts[j].shape[-1])
-                   for j in range(len(rollouts[0].experts))]
-    positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
-    out = model(inputs, positions, replay=experts)
-    logits = out.logits[:, p - 1:].float() / temperature
-    logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, tokens[:, p:, None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy, out
+log = logging.getLogger("scimoe")
 
 
 @dataclasses.dataclass
@@ -54,91 +43,134 @@ class StepStats:
     reward_sq_sum: float = 0.0
     samples: float = 0.0
     tokens: float = 0.0
-    """Completion tokens (up to and including EOS)."""
+    """Completion tokens the model sampled (up to and including EOS; tool responses not counted)."""
     entropy_sum: float = 0.0
     clipped_tokens: float = 0.0
     kl_sum: float = 0.0
-    mismatch_sum: float = 0.0
-    """Router-replay mismatch, averaged over this rank's MoE layers."""
+    mismatch: float = 0.0
+    """Router-replay mismatch, averaged over the model's MoE layers."""
     advantage_abs_sum: float = 0.0
+    tool_calls: float = 0.0
+    good_tool_calls: float = 0.0
+    """Tool calls that parsed and named an allowed tool."""
+    skipped_groups: float = 0.0
+    """Groups left out of the update because a reward was not finite."""
 
     def summed(self, dims: ParallelDims) -> "StepStats":
         values = torch.tensor(dataclasses.astuple(self), dtype=torch.float64)
         return StepStats(*dims.reduce_sum(values).tolist())
 
 
+def _check_layout(cfg: Config, dims: ParallelDims) -> None:
+    g = cfg.grpo
+    if dims.pp_virtual > 1:
+        raise ConfigError("config error at 'parallel.pp_virtual': recipe=grpo updates with one micro-batch per step, "
+                          "which megatron's interleaved schedule cannot run; use parallel.pp_virtual=1")
+    if g.prompts_per_step % dims.dp:
+        raise ConfigError(f"config error at 'grpo.prompts_per_step': {g.prompts_per_step} prompts do not split "
+                          f"evenly over {dims.dp} data-parallel ranks (every rank must sample as many, in step)")
+    if routes_token_shares(dims) and (g.prompts_per_step // dims.dp * g.group_size) % dims.tp:
+        raise ConfigError(f"config error at 'grpo.group_size': each rank's {g.prompts_per_step // dims.dp} × "
+                          f"{g.group_size} sequences must split over parallel.tp ({dims.tp}) with tp × ep")
+
+
+def _score_rewards(reward, texts: list[list[str]], prompts, task, stats: StepStats) -> torch.Tensor:
+    """[B, G] rewards; a group with a non-finite reward is reported, counted and left out (all zeros)."""
+    rows = []
+    for group, (ids, answer) in zip(texts, prompts):
+        row = [reward(text, answer) for text in group]
+        if not all(math.isfinite(r) for r in row):
+            log.warning("grpo: a reward of %s is not finite for the prompt %r; the group is left out of this update",
+                        row, task.tokenizer.decode(ids)[:200])
+            stats.skipped_groups += 1
+            row = [0.0] * len(row)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
 def grpo(cfg: Config, run_dir: str, dims: ParallelDims | None = None) -> list[dict]:
     """Train the policy to `cfg.train.steps`; returns the per-step metrics."""
     g = cfg.grpo
     dims = dims or ParallelDims.from_config(cfg.parallel)
-    if dims.tp * dims.pp > 1:
-        raise NotImplementedError("recipe=grpo runs with data and expert parallelism (parallel.tp and pp must be 1)")
-    if g.prompts_per_step % dims.dp:
-        raise ConfigError(f"config error at 'grpo.prompts_per_step': {g.prompts_per_step} prompts do not split "
-                          f"evenly over {dims.dp} data-parallel ranks (every rank must sample as many, in step)")
+    _check_layout(cfg, dims)
     records = []
     with Session(cfg, run_dir, dims) as session:
-        dims, model = session.dims, session.model
-        reference = session.starting_model() if g.kl_coef else None
+        dims, model, dtype = session.dims, session.model, cfg.train.dtype
+        policy = Policy(model, dims, session.chunks)
+        reference, reference_chunks = session.starting_model() if g.kl_coef else (None, [])
         # Under expert parallelism every forward is a collective: ranks decode in step until all are done.
         everyone_done = (lambda mine: not dims.any_rank(not mine)) if dims.ep > 1 else None
         task = build_task(cfg)
         reward = build_reward(dict(g.rewards))
+        tools = build_tools(g, task)
         session.resume()
         generator = torch.Generator()
         for step in session.steps():
-            generator.manual_seed(cfg.train.seed * 7919 + step * dims.world_size + dims.rank)
+            generator.manual_seed(cfg.train.seed * 7919 + step * dims.dp + dims.groups.dp_rank)  # tp, pp peers alike
+            stats = StepStats()
             began = time.perf_counter()
             prompts = task.batch(step, g.prompts_per_step, cfg.train.seed, dims.groups.dp_rank, dims.dp)
             with session.autocast():
-                rollouts = [sample(model, ids, g.group_size, g.max_new_tokens, task.tokenizer.eos_id, g.temperature,
-                                   g.top_k, g.top_p, generator, use_cache=g.kv_cache, everyone_done=everyone_done)
-                            for ids, _ in prompts]
+                if tools is None:
+                    rollouts = [sample(policy, ids, g.group_size, g.max_new_tokens, task.tokenizer.eos_id,
+                                       g.temperature, g.top_k, g.top_p, generator, g.kv_cache, everyone_done)
+                                for ids, _ in prompts]
+                else:
+                    rollouts = [sample_with_tools(policy, ids, g, task.tokenizer, tools, generator, everyone_done,
+                                                  stats) for ids, _ in prompts]
             rollout_s = time.perf_counter() - began
-            texts = [[task.tokenizer.decode(r.tokens[i, r.prompt_len:][r.completion_mask[i]].tolist())
+            texts = [[task.tokenizer.decode(r.tokens[i, r.prompt_len:].tolist()[:int(r.completion_length[i])])
                       for i in range(g.group_size)] for r in rollouts]
-            rewards = torch.tensor([[reward(t, answer) for t in group] for group, (_, answer) in zip(texts, prompts)])
-            advantages = group_advantages(rewards, g.scale_std).flatten().to(session.device)
-            mask = torch.cat([r.completion_mask for r in rollouts])
+            rewards = _score_rewards(reward, texts, prompts, task, stats)
+            advantages = group_advantages(rewards, g.scale_std, g.std).flatten().to(session.device)
+            mask, rollout_logp = completions(rollouts)
+            batch = rollout_batch(rollouts, g.router_replay, dims.tp if dims.sp else 1)
             began = time.perf_counter()
-            with torch.no_grad(), session.autocast():
-                old = torch.cat([r.logprobs for r in rollouts]) if g.old_logprobs == "rollout" else \
-                    token_logprobs(model, rollouts, g.temperature, g.router_replay)[0]
-                ref = token_logprobs(reference, rollouts, g.temperature, g.router_replay)[0] if reference else None
+            weights = None
+            with torch.no_grad():
+                def score(m, chunks):
+                    return forward_with_head(m, chunks, batch, logprob_head(m.comm, g.temperature), dims, dtype,
+                                             backward=False)[0]["logp"].to(session.device)
+                old = rollout_logp if g.old_logprobs == "rollout" and not g.tis_cap else score(model, session.chunks)
+                if g.old_logprobs == "rollout" and g.tis_cap:
+                    weights = tis_weight(old, rollout_logp, g.tis_cap)
+                ref = score(reference, reference_chunks) if reference is not None else None
             logprob_s = time.perf_counter() - began
             began = time.perf_counter()
             model.train()
-            with session.autocast():
-                logp, entropy, out = token_logprobs(model, rollouts, g.temperature, g.router_replay)
             local_tokens = mask.sum()
-            total_tokens = dims.reduce_sum(local_tokens.clone())
-            result = policy_loss(logp, old, advantages, mask, g.clip_low, g.clip_high, g.aggregation, ref,
-                                 g.kl_coef, g.kl_estimator)
-            share = local_tokens / total_tokens.clamp_min(1) if g.aggregation == "token_mean" else 1 / dims.dp
-            loss = result.loss * share + (out.balance_loss + out.z_loss) / dims.dp
-            loss.backward()
-            global_loss = float(dims.reduce_sum(loss.detach().double().reshape(1)))
+            token_mean = g.aggregation == "token_mean" and g.ratio_level == "token"
+            share = local_tokens / dims.reduce_sum(local_tokens.clone()).clamp_min(1) if token_mean else 1 / dims.dp
+            head = policy_head(model.comm, g.temperature, g, old, ref, advantages, mask, weights, share)
+            extras, auxes = forward_with_head(model, session.chunks, batch, head, dims, dtype, aux_scale=1 / dims.dp)
+            aux = dims.reduce_sum(torch.tensor(sum(float((a.balance_loss + a.z_loss).detach()) for a in auxes),
+                                               dtype=torch.float64), over="pp")
+            global_loss = float(dims.reduce_sum((float(extras["loss"]) * share + aux / dims.dp).double().reshape(1)))
             grad_norm, skipped = session.update(global_loss)
             update_s = time.perf_counter() - began
-            mismatch = [a.replay_mismatch for a in out.moe if a.replay_mismatch is not None]
+            mismatch = dims.reduce_sum(torch.tensor([sum(a.replay_mismatch or 0.0 for a in auxes), len(auxes)],
+                                                    dtype=torch.float64), over="pp")
             n_tokens = float(mask.sum())
-            stats = StepStats(
-                reward_sum=float(rewards.sum()), reward_sq_sum=float(rewards.pow(2).sum()), samples=rewards.numel(),
-                tokens=n_tokens, entropy_sum=float((entropy.detach() * mask).sum()),
-                clipped_tokens=result.clip_fraction * n_tokens, kl_sum=result.kl * n_tokens,
-                mismatch_sum=sum(mismatch) / max(len(mismatch), 1),
-                advantage_abs_sum=float(advantages.abs().sum())).summed(dims)
-            n, tokens = stats.samples, max(stats.tokens, 1)
+            stats.reward_sum, stats.reward_sq_sum = float(rewards.sum()), float(rewards.pow(2).sum())
+            stats.samples, stats.tokens, stats.entropy_sum = rewards.numel(), n_tokens, extras["entropy_sum"]
+            stats.clipped_tokens, stats.kl_sum = extras["clip_fraction"] * n_tokens, extras["kl"] * n_tokens
+            stats.mismatch, stats.advantage_abs_sum = float(mismatch[0] / mismatch[1].clamp_min(1)), float(advantages.abs().sum())
+            total = stats.summed(dims)
+            n, tokens = total.samples, max(total.tokens, 1)
             seconds = rollout_s + logprob_s + update_s
             record = {
-                "step": step + 1, "loss": float(result.loss.detach()), "reward_mean": stats.reward_sum / n,
-                "reward_std": max(stats.reward_sq_sum / n - (stats.reward_sum / n) ** 2, 0.0) ** 0.5,
-                "advantage_abs_mean": stats.advantage_abs_sum / n, "clip_fraction": stats.clipped_tokens / tokens,
-                "kl": stats.kl_sum / tokens, "entropy": stats.entropy_sum / tokens, "response_length": tokens / n,
-                "samples": int(n), "routing_mismatch": stats.mismatch_sum / dims.dp if g.router_replay else None,
+                "step": step + 1, "loss": extras["loss"], "reward_mean": total.reward_sum / n,
+                "reward_std": max(total.reward_sq_sum / n - (total.reward_sum / n) ** 2, 0.0) ** 0.5,
+                "advantage_abs_mean": total.advantage_abs_sum / n, "clip_fraction": total.clipped_tokens / tokens,
+                "kl": total.kl_sum / tokens, "entropy": total.entropy_sum / tokens, "response_length": tokens / n,
+                "samples": int(n), "routing_mismatch": total.mismatch / dims.dp if g.router_replay else None,
                 "grad_norm": grad_norm, "lr": session.optimizer.lr, "tokens_per_s": tokens / seconds,
                 "rollout_s": rollout_s, "logprob_s": logprob_s, "update_s": update_s, "skipped": int(skipped),
+                "skipped_groups": int(total.skipped_groups),
             }
+            if tools is not None:
+                record["tool_calls_per_sample"] = total.tool_calls / n
+                record["well_formed_tool_calls"] = total.good_tool_calls / max(total.tool_calls, 1)
             records.append(record)
             summary = (f"reward {record['reward_mean']:.3f} ± {record['reward_std']:.3f} | clip "
                        f"{record['clip_fraction']:.3f} | kl {record['kl']:.4f} | len {record['response_length']:.1f}"

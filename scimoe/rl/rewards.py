@@ -1,7 +1,8 @@
 """Verifiable, rule-based rewards: `fn(completion: str, answer: str) -> float`.
 
 Tested by `python -m pytest tests/rl/test_rewards.py`. Built in: `exact_match` (the final answer, i.e.
-the text after `</think>` if present, stripped, equals the reference), `think_format` (a `<think>…</think>`
+the text after `</think>` if present, stripped, equals the reference), `math_equivalence` (the final answer
+equals the reference as mathematics, by the maintained `math-verify` package), `think_format` (a `<think>…</think>`
 block followed by a non-empty answer), `tool_call_json` (every `<tool_call>` block is a JSON object with
 a string `name` and an object `arguments`, and there is at least one). `grpo.rewards` lists names or
 allow-listed dotted paths (scimoe/registry.py) with weights; the reward is their weighted sum.
@@ -9,17 +10,29 @@ allow-listed dotted paths (scimoe/registry.py) with weights; the reward is their
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from typing import Callable
 
+import torch
+
+from scimoe.config import ConfigError
 from scimoe.registry import resolve_target
 
 THINK = re.compile(r"^\s*<think>(.*?)</think>\s*(\S.*)$", re.S)
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 
 
+END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
+
+
 def final_answer(completion: str) -> str:
-    return completion.split("</think>")[-1].strip()
+    """The answer of a trajectory: its last assistant turn (after any tool responses), after `</think>`, without
+    the end-of-turn token."""
+    text = completion.rsplit("<|im_start|>assistant\n", 1)[-1].split("</think>")[-1].strip()
+    for end in END_OF_TURN:
+        text = text.removesuffix(end)
+    return text.strip()
 
 
 def exact_match(completion: str, answer: str) -> float:
@@ -28,6 +41,18 @@ def exact_match(completion: str, answer: str) -> float:
 
 def think_format(completion: str, answer: str) -> float:
     return float(THINK.match(completion) is not None)
+
+
+def math_equivalence(completion: str, answer: str) -> float:
+    """1 when the final answer is mathematically equal to the reference (fractions, decimals, LaTeX, `\\boxed{}`,
+    equivalent expressions), checked by HF's math-verify; 0 otherwise, also when either side does not parse."""
+    from math_verify import parse, verify
+
+    try:
+        gold, guess = parse(answer), parse(final_answer(completion))
+        return float(bool(gold) and bool(guess) and verify(gold, guess))
+    except Exception:  # noqa: BLE001 (a completion that breaks the parser earns nothing, never a crash)
+        return 0.0
 
 
 def tool_call_json(completion: str, answer: str) -> float:
@@ -45,12 +70,36 @@ def tool_call_json(completion: str, answer: str) -> float:
 
 
 REWARDS = {"exact_match": "scimoe.rl.rewards.exact_match", "think_format": "scimoe.rl.rewards.think_format",
-           "tool_call_json": "scimoe.rl.rewards.tool_call_json"}
+           "tool_call_json": "scimoe.rl.rewards.tool_call_json", "math_equivalence": "scimoe.rl.rewards.math_equivalence"}
 
 
-def build_reward(spec: dict[str, float]) -> Callable[[str, str], float]:
+class RewardError(ConfigError):
+    """A reward function returned something that is not a number."""
+
+
+class Reward:
+    """The weighted sum of named reward functions; a value that is not a real number stops the run naming the
+    function (a NaN or infinity passes through: GRPO leaves that group out and counts it)."""
+
+    def __init__(self, parts: list[tuple[str, Callable[[str, str], float], float]]) -> None:
+        self.parts = parts
+
+    def __call__(self, completion: str, answer: str) -> float:
+        total = 0.0
+        for name, fn, weight in self.parts:
+            value = fn(completion, answer)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if not isinstance(value, numbers.Real):
+                raise RewardError(f"config error at 'grpo.rewards.{name}': it returned {type(value).__name__} "
+                                  f"{str(value)[:80]!r}, not one number, for the completion {completion[:120]!r}")
+            total += weight * float(value)
+        return total
+
+
+def build_reward(spec: dict[str, float]) -> Reward:
     """Weighted sum of the named (or allow-listed dotted-path) reward functions."""
     if not spec:
-        raise ValueError("config error at 'grpo.rewards': name at least one reward")
-    parts = [(resolve_target(name, f"grpo.rewards.{name}", REWARDS), float(weight)) for name, weight in spec.items()]
-    return lambda completion, answer: sum(w * fn(completion, answer) for fn, w in parts)
+        raise ConfigError("config error at 'grpo.rewards': name at least one reward")
+    return Reward([(name, resolve_target(name, f"grpo.rewards.{name}", REWARDS), float(weight))
+                   for name, weight in spec.items()])

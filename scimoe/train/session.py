@@ -109,13 +109,14 @@ class Session:
         chunks = parallelize(model, self.dims)
         return model.to(self.device), chunks
 
-    def starting_model(self) -> MoETransformer:
+    def starting_model(self) -> tuple[MoETransformer, list]:
         """A frozen copy of the policy as the run started (seeded, `initial_state` or checkpoint.init_weights),
-        sharded like it: GRPO's KL reference. It reads no checkpoint of this run, so resuming does not move it."""
-        model, _ = self._parallel_model(self.initial_state)
+        sharded like it, and its pipeline chunks: GRPO's KL reference. It reads no checkpoint of this run, so
+        resuming does not move it."""
+        model, chunks = self._parallel_model(self.initial_state)
         if self.cfg.checkpoint.init_weights:
             self._load_init_weights(model)
-        return model.eval().requires_grad_(False)
+        return model.eval().requires_grad_(False), chunks
 
     def _load_init_weights(self, model: MoETransformer) -> None:
         source = checkpoint.find_resume_path(self.run_dir, self.cfg.checkpoint.init_weights, "checkpoint.init_weights")

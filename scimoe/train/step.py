@@ -120,6 +120,27 @@ def forward_backward(model: MoETransformer, chunks: list[PipelineChunk], microba
     return totals, [c.to(device) for _, cs, _ in ordered for c in cs], [h for _, _, hs in ordered for h in hs]
 
 
+def forward_with_head(model: MoETransformer, chunks: list[PipelineChunk], batch: dict, head, dims: ParallelDims = _SINGLE,
+                      dtype: str = "fp32", aux_scale: float = 1.0, backward: bool = True) -> tuple[dict, list[MoEAux]]:
+    """One forward (and backward) of `batch` whose loss is `head(logits, batch) -> (loss, extras)`, computed
+    from the last stage's (vocabulary-sharded) logits; each MoE layer's balance and z terms enter times
+    `aux_scale`. Returns the head's extras on every rank and this rank's MoE layers' aux outputs. The loop
+    over micro-batches of a recipe whose loss is not the LM loss (GRPO)."""
+    if not chunks:
+        with autocast(dtype):
+            out = model(batch["input_ids"], batch["positions"], replay=batch.get("replay"))
+        loss, extras = head(out.logits, batch)
+        if backward:
+            (loss + (out.balance_loss + out.z_loss) * aux_scale).backward()
+        return extras, out.moe
+    with autocast(dtype):
+        store = pipeline_forward_backward(chunks, [batch], 1, dims.pp, head=head, aux_grad_scale=aux_scale,
+                                          forward_only=not backward)
+    last = (dims.pp * dims.pp_virtual - 1) % dims.pp
+    extras = dims.all_gather_object(store[0] if store else None, over="pp")[last]
+    return extras, [a for chunk in chunks for auxes in chunk.auxes for a in auxes]
+
+
 def apply_update(model: MoETransformer, optimizer, dims: ParallelDims, grad_clip: float, loss: float) -> tuple[float, bool]:
     """After the backward: sync and clip gradients, then the loss guard: step (and commit the MoE layers'
     per-step state) unless `loss` (already the same on every rank) or the global grad norm is not finite.

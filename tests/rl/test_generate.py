@@ -7,7 +7,16 @@ import torch
 from scimoe.config import ModelConfig, MoEConfig
 from scimoe.model import build_model
 from scimoe.rl.generate import filter_logits, sample
-from scimoe.rl.grpo import token_logprobs
+from scimoe.rl.scoring import logprob_head, rollout_batch
+from scimoe.train.step import forward_with_head
+
+
+def token_logprobs(model, rollouts, temperature, replay):
+    """The sampled tokens' log-probs under `model` and its MoE aux outputs (as GRPO scores them)."""
+    with torch.no_grad():
+        extras, auxes = forward_with_head(model, [], rollout_batch(rollouts, replay), logprob_head(model.comm, temperature),
+                                          backward=False)
+    return extras["logp"], auxes
 
 
 def _model(pos_emb: str = "fope"):
@@ -59,11 +68,19 @@ def test_router_replay_forces_the_recorded_experts_and_reports_the_mismatch():
     with torch.no_grad():  # the policy moves after sampling, as it does between rollout and update
         for moe in model.moe_layers():
             moe.router.weight.add_(torch.randn_like(moe.router.weight) * 0.5)
-    _, _, replayed = token_logprobs(model, [rollout], temperature=0.8, replay=True)
-    _, _, free = token_logprobs(model, [rollout], temperature=0.8, replay=False)
-    for aux, recorded in zip(replayed.moe, rollout.experts):
+    _, replayed = token_logprobs(model, [rollout], temperature=0.8, replay=True)
+    _, free = token_logprobs(model, [rollout], temperature=0.8, replay=False)
+    for aux, recorded in zip(replayed, rollout.experts):
         assert torch.equal(aux.indices, recorded.reshape(-1, 2))  # exactly the rollout's experts
         assert 0 < aux.replay_mismatch <= 1  # and the router alone would have chosen others this often
     changed = [float((a.indices.sort(-1).values != r.reshape(-1, 2).sort(-1).values).any(-1).float().mean())
-               for a, r in zip(free.moe, rollout.experts)]
-    assert changed == pytest.approx([a.replay_mismatch for a in replayed.moe])
+               for a, r in zip(free, rollout.experts)]
+    assert changed == pytest.approx([a.replay_mismatch for a in replayed])
+
+
+def test_scoring_gives_the_log_probs_the_sampler_saw():
+    model = _model()
+    rollout = sample(model, [1, 2, 3], n=4, max_new=6, eos_id=31, temperature=0.7, top_k=0, top_p=1.0,
+                     generator=torch.Generator().manual_seed(2))
+    logp, _ = token_logprobs(model, [rollout], temperature=0.7, replay=True)
+    assert torch.allclose(logp[rollout.completion_mask], rollout.logprobs[rollout.completion_mask], atol=1e-5)

@@ -28,7 +28,8 @@ class MoEAux:
     entropy: torch.Tensor
     """Mean router entropy over tokens (no gradient)."""
     indices: torch.Tensor
-    """[T, K] chosen experts (for router replay and mismatch metrics)."""
+    """[T, K] chosen experts of every token this rank's block saw (each tp rank's share gathered), for router
+    replay and mismatch metrics."""
     bias_abs_max: float = 0.0
     """max |aux-free selection bias| of the layer: how far the bias has drifted from 0."""
     replay_mismatch: float | None = None
@@ -64,6 +65,7 @@ class MoELayer(nn.Module):
                              "ste_ema" else None, persistent=False)
 
     def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+        """x [B, S, H]; `replay` [B, S', K] forces the experts of every token (S' the whole sequence)."""
         comm = self.comm
         x_all = comm.gather_sequence(x)
         batch, seq, hidden = x_all.shape
@@ -84,7 +86,7 @@ class MoELayer(nn.Module):
         routed = torch.bincount(routing.indices.flatten(), minlength=self.cfg.num_experts)
         if self.training:
             self.load_since_update += routed.float()
-        aux = self._aux(routing, batch // comm.share_parts, routed)
+        aux = self._aux(routing, batch // comm.share_parts, routed, comm.all_shares(routing.indices))
         return comm.split_sequence(y.view(batch, seq, hidden).to(x.dtype)), aux
 
     def _ema_gradient_path(self, routing) -> torch.Tensor:
@@ -103,7 +105,7 @@ class MoELayer(nn.Module):
         updated = decay * self.expert_output_ema + (1 - decay) * sums / counts.clamp_min(1.0)
         self.expert_output_ema.copy_(torch.where(counts > 0, updated, self.expert_output_ema))
 
-    def _aux(self, routing, batch: int, counts: torch.Tensor) -> MoEAux:
+    def _aux(self, routing, batch: int, counts: torch.Tensor, indices: torch.Tensor) -> MoEAux:
         cfg, probs, idx, reduce = self.cfg, routing.probs, routing.indices, self.comm.reduce_stats
         zero = probs.new_zeros(())
         balance = zero
@@ -118,7 +120,7 @@ class MoELayer(nn.Module):
         z = cfg.z_loss_coef * losses.z_loss(routing.logits, reduce) if cfg.z_loss_coef else zero
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
-        return MoEAux(balance_loss=balance, z_loss=z, counts=counts.detach(), entropy=entropy, indices=idx,
+        return MoEAux(balance_loss=balance, z_loss=z, counts=counts.detach(), entropy=entropy, indices=indices,
                       bias_abs_max=float(self.router.selection_bias.abs().max()), replay_mismatch=routing.replay_mismatch)
 
     @torch.no_grad()

@@ -52,17 +52,20 @@ class GroupedRouter(nn.Module):
         self.register_buffer("selection_bias", torch.zeros(num_experts))
 
     def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> Routing:
-        """Route tokens x [T, H]; `replay` [T, K] forces the given experts (rollout router replay)."""
+        """Route tokens x [T, H]; `replay` [T, K] forces the given experts (rollout router replay; a row of −1
+        leaves that token to the router)."""
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
             probs = logits.softmax(dim=-1)
             scores = probs.detach() + self.selection_bias
             indices = grouped_topk(scores, self.top_k, self.n_groups)
             mismatch = None
-            if replay is not None:
+            if replay is not None:  # rows of −1 were not recorded (padding): those tokens route freely
                 own, replay = indices, replay.to(indices.device)
-                mismatch = float((own.sort(-1).values != replay.sort(-1).values).any(-1).float().mean()) if len(own) else 0.0
-                indices = replay
+                recorded = replay[:, 0] >= 0
+                differs = (own.sort(-1).values != replay.sort(-1).values).any(-1) & recorded
+                mismatch = float(differs.sum() / recorded.sum()) if bool(recorded.any()) else 0.0
+                indices = torch.where(recorded[:, None], replay, own)
             selected = probs.gather(1, indices)
             # p_S / Σ p_S equals softmax over the selected logits; written this way the
             # non-selected logits get exactly zero gradient under `sparse`, not rounding residue.

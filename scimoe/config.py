@@ -158,9 +158,12 @@ class ModelConfig:
     max_positions: int = 4096
     """L_max: longest trained context; FoPE keeps only frequencies with ω > 2π/L_max."""
     fope_init_factor: float = 0.5
-    """Gain of the XavierNormal perturbation that initialises FoPE mixing matrices (I + noise)."""
+    """Gain of the xavier_normal_ perturbation that initialises the FoPE mixing matrices (I + noise), applied to
+    the whole [kv_heads, D, D] tensor as the released code does."""
     fope_sep_head: bool = True
     """FoPE mixing matrices per KV head (True) or one shared pair (False)."""
+    fope_trainable: bool = False
+    """Train the FoPE mixing matrices. Off by default: the released Intern-S1-Pro keeps them as fixed buffers."""
     init_std: float = 0.02
     """Std of the normal init of linear, router and expert weights."""
     embed_init_std: float = 1.0

@@ -6,7 +6,8 @@ With H hidden, L layers (L_moe of them MoE), n_q/n_kv heads of width d, E expert
   experts    = L_moe·E·3·H·F                                   gate, up, down of each SwiGLU expert
   routers    = L_moe·E·H
   embedding  = 2·V·H                                           embedding + untied LM head
-  norms      = (2·L + 1)·H,  fope = 2·tables·D²,  dense/shared MLPs = 3·H·F_dense each
+  norms      = (2·L + 1)·H,  dense/shared MLPs = 3·H·F_dense each,  fope = 2·tables·D² (only when trained;
+               the released model keeps them as buffers)
   active     = total − L_moe·(E − K)·3·H·F                     a token runs only K experts
 
 Training FLOPs per token (`training_flops_per_token`, the numerator of MFU), for sequences of S tokens:
@@ -36,7 +37,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
         "dense_mlp": moe.dense_layers * 3 * h * moe.dense_ffn_hidden + moe_layers * 3 * h * moe.shared_expert_ffn,
         "fope": 0,
     }
-    if cfg.pos_emb == "fope":
+    if cfg.pos_emb == "fope" and cfg.fope_trainable:  # otherwise buffers, as released: not parameters
         tables = cfg.kv_heads if cfg.fope_sep_head else 1
         counts["fope"] = 2 * tables * kept_frequency_count(d, cfg.rope_theta, cfg.max_positions) ** 2
     total = sum(counts.values())

@@ -72,7 +72,7 @@ class MoETransformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
         if cfg.pos_emb == "fope":
             self.rotary = FoPE(cfg.head_dim, cfg.rope_theta, cfg.max_positions, cfg.kv_heads,
-                               cfg.fope_init_factor, cfg.fope_sep_head)
+                               cfg.fope_init_factor, cfg.fope_sep_head, cfg.fope_trainable)
         else:
             self.rotary = RoPE(cfg.head_dim, cfg.rope_theta)
         self.layers = nn.ModuleList(DecoderLayer(cfg, dense=i < cfg.moe.dense_layers) for i in range(cfg.layers))

@@ -86,10 +86,15 @@ def apply_tensor_parallel(model: MoETransformer, dims: ParallelDims) -> None:
     head = Column(h, cfg.vocab_size, config=mp, init_method=init, bias=False, gather_output=False, tp_group=tp_group)
     _replace(model, "lm_head", head, model.lm_head.weight, 0, tp_rank, tp_size)
     if isinstance(model.rotary, FoPE) and model.rotary.cos_coef.shape[0] > 1:
-        for name in ("cos_coef", "sin_coef"):
-            local = nn.Parameter(_shard(getattr(model.rotary, name), 0, tp_rank, tp_size))
+        for name in ("cos_coef", "sin_coef"):  # per-KV-head tables follow their heads (buffers or trained)
+            full = getattr(model.rotary, name)
+            local = _shard(full, 0, tp_rank, tp_size)
+            if isinstance(full, nn.Parameter):
+                local = nn.Parameter(local)
+                setattr(model.rotary, name, local)
+            else:
+                model.rotary.register_buffer(name, local)
             local.tensor_model_parallel, local.partition_dim = True, 0
-            setattr(model.rotary, name, local)
 
 
 class TensorParallelText(LocalText):
@@ -146,6 +151,12 @@ def is_tensor_parallel(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
+def tensor_parallel_tensors(model: MoETransformer) -> list[tuple[str, torch.Tensor]]:
+    """(state-dict name, tensor) of every tensor-parallel shard, parameters and buffers (FoPE tables) alike."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return [(name, t) for name, t in tensors if is_tensor_parallel(t)]
+
+
 def partial_grad_parameters(model: MoETransformer, dims: ParallelDims) -> list[nn.Parameter]:
     """Replicated weights whose gradient each TP rank sees only in part: the q/k norms (shared by all
     heads, each rank holds some heads), a single shared FoPE table, and the routers when tp ranks split
@@ -153,7 +164,7 @@ def partial_grad_parameters(model: MoETransformer, dims: ParallelDims) -> list[n
     attns = [layer.self_attn for layer in model.layers if hasattr(layer, "self_attn")]  # pipeline placeholders skipped
     params = [p for attn in attns for p in (attn.q_norm.weight, attn.k_norm.weight)]
     if isinstance(model.rotary, FoPE) and not is_tensor_parallel(model.rotary.cos_coef):
-        params += [model.rotary.cos_coef, model.rotary.sin_coef]
+        params += [t for t in (model.rotary.cos_coef, model.rotary.sin_coef) if isinstance(t, nn.Parameter)]
     # With tp × ep each tp rank routes its own share of the tokens: router grads are per-share too.
     if routes_token_shares(dims):
         params += [moe.router.weight for moe in model.moe_layers()]
@@ -164,9 +175,7 @@ def gather_tensor_parallel(model: MoETransformer, state: dict[str, torch.Tensor]
     """Turn this rank's state dict into the single-process one by all-gathering every TP shard."""
     import torch.distributed as dist
 
-    for name, param in model.named_parameters():
-        if not is_tensor_parallel(param):
-            continue
+    for name, param in tensor_parallel_tensors(model):
         parts = [torch.empty_like(param) for _ in range(dims.tp)]
         dist.all_gather(parts, param.detach().contiguous(), group=dims.groups.tp)
         state[name] = torch.cat(parts, dim=param.partition_dim)

@@ -122,7 +122,8 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     tokens = train.micro_batch * train.seq_len
     act_bytes = 4.0 if train.dtype == "fp32" else 2.5
     tables = m.kv_heads if m.fope_sep_head else 1
-    fope = 2 * tables * kept_frequency_count(m.head_dim, m.rope_theta, m.max_positions) ** 2 if m.pos_emb == "fope" else 0
+    fope = 2 * tables * kept_frequency_count(m.head_dim, m.rope_theta, m.max_positions) ** 2 \
+        if m.pos_emb == "fope" and m.fope_trainable else 0  # buffers (as released) have no grads or AdamW state
     fope = fope // tp if tables > 1 and tp > 1 else fope
     plan = MemoryPlan()
     for rank in range(pp):

@@ -21,7 +21,7 @@ import torch
 from scimoe.parallel.dims import ParallelDims
 from scimoe.train import shards
 from scimoe.train.async_save import AsyncSaver
-from scimoe.train.checkpoint_dir import (FORMAT_VERSION, MANIFEST, MARKER, CheckpointError,  # noqa: F401 (re-exported)
+from scimoe.train.checkpoint_dir import (CONVENTIONS, FORMAT_VERSION, MANIFEST, MARKER, CheckpointError,  # noqa: F401
                                          CheckpointSaveError, checkpoint_root, complete_checkpoints, find_resume_path,
                                          is_complete, prune, read_marker, size_bytes, step_dir, verify)
 from scimoe.train import checkpoint_dir
@@ -115,9 +115,22 @@ def files(path: str, kind: str) -> list[str]:
     return sorted(os.path.join(path, n) for n in os.listdir(path) if n.startswith(f"{kind}_rank"))
 
 
+def check_conventions(marker: dict, model: torch.nn.Module, path: str) -> None:
+    """Refuse weights whose numbers assume another convention than this model computes with."""
+    from scimoe.model.rotary import FoPE
+
+    rotary = getattr(model, "rotary", None)
+    clipped = isinstance(rotary, FoPE) and rotary.kept < rotary.half
+    if clipped and marker.get("conventions", {}).get("fope_clipped_sin") != CONVENTIONS["fope_clipped_sin"]:
+        raise CheckpointError(f"{path} was written by an earlier scimoe whose FoPE padded the sine of the clipped "
+                              "frequencies with 0; the released Intern-S1-Pro, and scimoe now, pad it with 1, so these "
+                              "weights would compute a different function. Retrain, or fine-tune from released weights "
+                              "(checkpoint.init_weights=hf:PATH)")
+
+
 def load_weights(path: str, model: torch.nn.Module, dims: ParallelDims = ParallelDims()) -> None:
     """Load the model weights of checkpoint `path`, saved in any layout, into this rank's slices."""
-    read_marker(path)
+    check_conventions(read_marker(path), model, path)
     index = shards.ShardIndex(files(path, "model"))
     _load_model(index, model, shards.shard_layout(model, dims), path)
 
@@ -137,6 +150,7 @@ def load(path: str, model: torch.nn.Module, optimizer: Any, dims: ParallelDims =
     train state (step, loader). RNG streams are per rank: restored when the world size is unchanged."""
     rank, world = dims.rank, dims.world_size
     marker = read_marker(path)
+    check_conventions(marker, model, path)
     if marker.get("weights_only"):
         raise ValueError(f"checkpoint {path} holds weights only (an import): start from it with "
                          "checkpoint.init_weights=PATH, not checkpoint.resume")

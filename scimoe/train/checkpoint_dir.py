@@ -26,6 +26,9 @@ from scimoe.parallel.dims import ParallelDims
 from scimoe.train.async_save import AsyncSaver, wait_for_parts
 
 FORMAT_VERSION = 2
+CONVENTIONS = {"fope_clipped_sin": 1}
+"""Numerical conventions a checkpoint's weights assume, written into every marker: the sine of FoPE's clipped
+frequencies is the constant 1 (the released Intern-S1-Pro's; scimoe before 2026-12-04 used 0)."""
 MARKER = "COMPLETE"
 MANIFEST = "MANIFEST.json"
 log = logging.getLogger("scimoe")
@@ -74,7 +77,8 @@ def write(run_dir: str, step: int, files: Callable[[], dict[str, bytes]], dims: 
     rank, world = dims.rank, dims.world_size
     final, root = step_dir(run_dir, step), checkpoint_root(run_dir)
     tmp = os.path.join(root, f".step_{step:08d}.tmp")
-    marker = {"step": step, "format_version": FORMAT_VERSION, "world": world, **(marker or {})}
+    marker = {"step": step, "format_version": FORMAT_VERSION, "world": world, "conventions": CONVENTIONS,
+              **(marker or {})}
     if rank == 0:
         try:
             os.makedirs(root, exist_ok=True)

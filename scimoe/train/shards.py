@@ -171,11 +171,10 @@ def shard_layout(model: torch.nn.Module, dims) -> dict[str, Shard]:
     if dims.is_single_process:
         return {}
     from scimoe.parallel.expert import expert_parameters
-    from scimoe.parallel.tensor import is_tensor_parallel
+    from scimoe.parallel.tensor import tensor_parallel_tensors
 
     g = dims.groups
-    layout = {name: Shard(((p.partition_dim, g.tp_rank, dims.tp),))
-              for name, p in model.named_parameters() if is_tensor_parallel(p)}
+    layout = {name: Shard(((t.partition_dim, g.tp_rank, dims.tp),)) for name, t in tensor_parallel_tensors(model)}
     if dims.ep == 1 and dims.etp == 1:
         return layout
     experts = {id(p) for p in expert_parameters(model)}

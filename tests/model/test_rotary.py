@@ -18,10 +18,11 @@ def _direct_fope(fope: FoPE, k: torch.Tensor, positions: list[int], head_dim: in
             cos_half, sin_half = [], []
             for j in range(half):
                 if j < kept:
-                    c = sum(math.cos(theta ** (-2 * i / head_dim) * m) * fope.cos_coef[h, i, j].item() for i in range(kept))
-                    s = sum(math.sin(theta ** (-2 * i / head_dim) * m) * fope.sin_coef[h, i, j].item() for i in range(kept))
-                else:
-                    c, s = 1.0, 0.0
+                    w = [float(fope.inv_freq[i]) for i in range(kept)]
+                    c = sum(math.cos(w[i] * m) * fope.cos_coef[h, i, j].item() for i in range(kept))
+                    s = sum(math.sin(w[i] * m) * fope.sin_coef[h, i, j].item() for i in range(kept))
+                else:  # clipped: both constant 1, as the released code pads them
+                    c, s = 1.0, 1.0
                 cos_half.append(c)
                 sin_half.append(s)
             cos, sin = cos_half * 2, sin_half * 2
@@ -40,6 +41,18 @@ def test_fope_matches_the_direct_formula_with_clipped_frequencies():
     cos, sin = fope(torch.tensor([positions]))
     got = apply_rotary(k, cos, sin)[0]
     assert torch.allclose(got, _direct_fope(fope, k[0], positions, head_dim, theta), atol=1e-4)
+
+
+def test_fope_tables_are_buffers_initialised_as_released_unless_trained():
+    fope = FoPE(128, 5e6, 262144, n_kv_heads=4, init_factor=0.5)
+    assert fope.kept == 45 and not list(fope.parameters()) and {"cos_coef", "sin_coef"} <= set(fope.state_dict())
+    noise = fope.cos_coef - torch.eye(45)
+    # xavier_normal_ of the [4, 45, 45] tensor: gain·sqrt(2 / (45·45 + 4·45)) = 0.5 · 0.0301 = 0.0151
+    assert abs(float(noise.std()) - 0.0151) < 0.0008
+    trained = FoPE(128, 5e6, 262144, n_kv_heads=4, trainable=True)
+    assert sorted(n for n, _ in trained.named_parameters()) == ["cos_coef", "sin_coef"]
+    inv = 1.0 / (5e6 ** (torch.arange(0, 128, 2, dtype=torch.int64).float() / 128))  # the released formula
+    assert torch.equal(fope.inv_freq, inv[:45]) and bool((inv[:45] > 2 * math.pi / 262144).all())
 
 
 def test_query_heads_use_their_kv_heads_table():

@@ -78,3 +78,15 @@ def test_a_failed_background_save_is_raised_not_lost(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         saver.wait()
     saver.wait()  # reported once
+
+
+def test_a_checkpoint_from_before_the_released_fope_convention_is_refused_by_name(tmp_path):
+    run = str(tmp_path)
+    pretrain(tiny_config(steps=1), run)
+    path = checkpoint.step_dir(run, 1)
+    marker = json.loads(open(os.path.join(path, "COMPLETE")).read())
+    del marker["conventions"]  # what scimoe wrote before 2026-12-04
+    with open(os.path.join(path, "COMPLETE"), "w") as f:
+        json.dump(marker, f)
+    with pytest.raises(checkpoint.CheckpointError, match="padded the sine of the clipped frequencies with 0"):
+        pretrain(tiny_config(steps=2), run)

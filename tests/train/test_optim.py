@@ -19,7 +19,7 @@ def test_warmup_then_cosine_to_min_lr():
 
 
 def test_norms_and_fope_tables_get_no_weight_decay():
-    model = build_model(ModelConfig(), seed=0)
+    model = build_model(ModelConfig(fope_trainable=True), seed=0)
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(p.ndim >= 2 for p in decay["params"])

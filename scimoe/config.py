@@ -89,7 +89,9 @@ class MoEConfig:
 
 @dataclass
 class VisionModelConfig:
-    """Vision encoder (Qwen3-VL style, scimoe/model/vision.py); Intern-S1-Pro: hidden 1024, 24 layers, 16 heads."""
+    """Vision encoder, the released Intern-S1-Pro tower (scimoe/model/vision.py); Intern-S1-Pro: hidden 1024,
+    24 layers, 16 heads, mlp 4096, grid 48 (HF vision_config: hidden_size, depth, num_heads, intermediate_size,
+    num_position_embeddings = grid²)."""
 
     enabled: bool = False
     hidden: int = 64
@@ -97,38 +99,63 @@ class VisionModelConfig:
     heads: int = 4
     mlp: int = 128
     grid: int = 48
-    """Side of the learned position grid, interpolated to each image's patch grid."""
+    """Side of the learned position table (grid² rows), interpolated to each image's patch grid."""
+    min_pixels: int = 32 * 32
+    """Smaller images are scaled up to at least this many pixels (the release's processor: 65536)."""
+    max_pixels: int = 1024 * 1024
+    """Larger images are scaled down to at most this many pixels (the release's processor: 16777216)."""
     freeze: bool = False
     """Keep the encoder's weights fixed (no gradient, not in the optimizer)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "model.vision", ("hidden", "layers", "heads", "mlp", "grid"))
+        _positive(self, "model.vision", ("hidden", "layers", "heads", "mlp", "grid", "min_pixels", "max_pixels"))
         _require(self.hidden % self.heads == 0, "model.vision.heads", f"must divide model.vision.hidden ({self.hidden})")
+        _require(self.min_pixels <= self.max_pixels, "model.vision.min_pixels", "must not exceed model.vision.max_pixels")
 
 
 @dataclass
 class TimeSeriesModelConfig:
-    """Time-series encoder (scimoe/model/timeseries.py)."""
+    """Time-series encoder, LMDeploy's Intern-S1-Pro tower (scimoe/model/timeseries.py): a per-patch encoder
+    (`embed_*`, fixed at 128 wide, 8 heads, ffn 2048 in the release), a Whisper-style encoder (HF ts_config:
+    d_model, encoder_layers, encoder_attention_heads, encoder_ffn_dim, num_mel_bins, max_source_positions,
+    ts_adapt_out_dim) and a projector to the LM width."""
 
     enabled: bool = False
+    embed_hidden: int = 32
+    """Width of the per-patch encoder; pairs of patch vectors (2× this) enter the Whisper-style encoder."""
+    embed_heads: int = 4
+    embed_ffn: int = 64
+    embed_layers: int = 1
     hidden: int = 64
-    patch_hidden: int = 32
+    """d_model of the Whisper-style encoder."""
     layers: int = 2
     heads: int = 4
-    patch_layers: int = 1
-    """Transformer layers of the per-patch encoder."""
-    window: int = 1500
-    """Frames per window of the Whisper-style encoder (bounds its attention)."""
+    ffn: int = 128
+    mel_bins: int = 16
+    """Channels the pairs of patch vectors are projected to before the convolutions (num_mel_bins: 80)."""
+    max_source_positions: int = 1500
+    """Learned positions of the Whisper-style encoder; frames beyond get none (as in the release)."""
+    adapt_out: int = 64
+    """Width after the Whisper-style encoder (ts_adapt_out_dim = ts_hidden_dim)."""
+    activation: str = "gelu"
+    """activation_function of the Whisper layers and the projector."""
+    max_samples: int = 240_000
+    """Longer series are cut to their first max_samples samples (LMDeploy's preprocessor does the same)."""
     chunk_elements: int = 1 << 23
     """Bound on the per-patch attention scores held at once (patches × heads × positions²), which sets how
     many patches are encoded together: ~32 MiB of fp32 scores whatever the signal length."""
     freeze: bool = False
 
     def __post_init__(self) -> None:
-        _positive(self, "model.timeseries", ("hidden", "patch_hidden", "layers", "heads", "patch_layers", "window",
-                                             "chunk_elements"))
+        _positive(self, "model.timeseries", ("embed_hidden", "embed_heads", "embed_ffn", "embed_layers", "hidden",
+                                             "layers", "heads", "ffn", "mel_bins", "max_source_positions",
+                                             "adapt_out", "max_samples", "chunk_elements"))
         _require(self.hidden % self.heads == 0, "model.timeseries.heads",
                  f"must divide model.timeseries.hidden ({self.hidden})")
+        _require(self.embed_hidden % self.embed_heads == 0, "model.timeseries.embed_heads",
+                 f"must divide model.timeseries.embed_hidden ({self.embed_hidden})")
+        _require(self.activation in ("gelu", "relu", "silu", "gelu_pytorch_tanh"), "model.timeseries.activation",
+                 f"must be gelu, relu, silu or gelu_pytorch_tanh, got '{self.activation}'")
 
 
 @dataclass

@@ -29,7 +29,7 @@ from scimoe.config import ConfigError
 from scimoe.data.packing import Document, PackedRows, PackReport, pack
 from scimoe.data.records import BadRecord, check_bad_share, read_records
 from scimoe.data.tokenizer import EOS, tokenizer_for_run
-from scimoe.model.timeseries import ts_token_count
+from scimoe.model.timeseries import ts_stride, ts_token_count
 from scimoe.model.vision import image_token_count, native_size
 
 log = logging.getLogger("scimoe")
@@ -52,7 +52,8 @@ class Sample:
         return [p for kind, p in self.parts if kind == "time_series"]
 
 
-def load_image(item: dict, base_dir: str) -> torch.Tensor:
+def load_image(item: dict, base_dir: str, vision=None) -> torch.Tensor:
+    """The image resized to its native size within `vision`'s pixel budget (model.vision), normalised to [−1, 1]."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -68,12 +69,15 @@ def load_image(item: dict, base_dir: str) -> torch.Tensor:
         raise BadRecord(f"unreadable image: {err}") from err
     if image.width < 1 or image.height < 1:
         raise BadRecord("empty image")
-    h, w = native_size(image.height, image.width)
+    budget = {} if vision is None else {"min_pixels": vision.min_pixels, "max_pixels": vision.max_pixels}
+    h, w = native_size(image.height, image.width, **budget)
     pixels = np.asarray(image.convert("RGB").resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
     return (torch.from_numpy(pixels).permute(2, 0, 1) - MEAN) / STD
 
 
-def load_series(item: dict, base_dir: str) -> tuple[torch.Tensor, float]:
+def load_series(item: dict, base_dir: str, timeseries=None) -> tuple[torch.Tensor, float]:
+    """The series cut to model.timeseries.max_samples and standardised per channel (LMDeploy's preprocessing),
+    with its sampling rate; one too short to make a token is refused."""
     rate = item.get("sampling_rate")
     if not isinstance(rate, (int, float)) or not rate > 0:
         raise BadRecord(f"sampling_rate must be a number > 0, got {rate!r}")
@@ -109,7 +113,13 @@ def load_series(item: dict, base_dir: str) -> tuple[torch.Tensor, float]:
     names = item.get("channels")
     if names is not None and len(names) != values.shape[1]:
         raise BadRecord(f"{len(names)} channel names for {values.shape[1]} channels")
-    return torch.from_numpy(np.ascontiguousarray(values)), float(rate)
+    if timeseries is not None:
+        values = values[: timeseries.max_samples]
+    if ts_token_count(values.shape[0], float(rate)) < 1:
+        raise BadRecord(f"time series of {values.shape[0]} samples at {rate} Hz is shorter than one token "
+                        f"({2 * ts_stride(float(rate)) + 1} samples)")
+    values = (values - values.mean(axis=0, keepdims=True)) / (values.std(axis=0, keepdims=True) + 1e-8)
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), float(rate)
 
 
 def _has_header(path: str) -> int:
@@ -122,7 +132,7 @@ def _has_header(path: str) -> int:
         return 1
 
 
-def parse_record(record: object, base_dir: str) -> Sample:
+def parse_record(record: object, base_dir: str, model=None) -> Sample:
     """A record's segments decoded (images resized to their native size, series checked)."""
     if isinstance(record, dict) and isinstance(record.get("segments"), str):  # Parquet may hold them as JSON text
         try:
@@ -139,21 +149,22 @@ def parse_record(record: object, base_dir: str) -> Sample:
                 raise BadRecord(f"segments[{i}]: empty text")
             sample.parts.append(("text", item["text"]))
         elif kind == "image":
-            sample.parts.append(("image", load_image(item, base_dir)))
+            sample.parts.append(("image", load_image(item, base_dir, model.vision if model else None)))
         elif kind == "time_series":
-            sample.parts.append(("time_series", load_series(item, base_dir)))
+            sample.parts.append(("time_series", load_series(item, base_dir, model.timeseries if model else None)))
         else:
             raise BadRecord(f"segments[{i}]: unknown type {kind!r}")
     return sample
 
 
-def read_samples(path: str, bad: list[str], streaming: bool = False) -> list[Sample]:
-    """Every good record of a .jsonl or .parquet file (scimoe/data/records.py); bad ones go to `bad`."""
+def read_samples(path: str, bad: list[str], streaming: bool = False, model=None) -> list[Sample]:
+    """Every good record of a .jsonl or .parquet file (scimoe/data/records.py), decoded for `model` (model.*
+    sizes; None: the defaults); bad ones go to `bad`."""
     base = os.path.dirname(os.path.abspath(path))
-    return read_records(path, lambda record: parse_record(record, base), bad, streaming)
+    return read_records(path, lambda record: parse_record(record, base, model), bad, streaming)
 
 
-def tokenize_sample(sample: Sample, tok, image_id: int, ts_id: int, window: int, tokens: dict[str, int]) -> list[int]:
+def tokenize_sample(sample: Sample, tok, image_id: int, ts_id: int, tokens: dict[str, int]) -> list[int]:
     """Text tokens, and per image / series as many placeholder ids as the encoder will produce vectors;
     `tokens` counts them by modality."""
     ids: list[int] = []
@@ -164,7 +175,7 @@ def tokenize_sample(sample: Sample, tok, image_id: int, ts_id: int, window: int,
             piece = [image_id] * image_token_count(payload.shape[1], payload.shape[2])
         else:
             values, rate = payload
-            piece = [ts_id] * ts_token_count(values.shape[0], rate, window)
+            piece = [ts_id] * ts_token_count(values.shape[0], rate)
         tokens[kind] += len(piece)
         ids.extend(piece)
     return ids
@@ -175,7 +186,7 @@ def multimodal_rows(cfg, run_dir: str) -> PackedRows:
     if not cfg.data.path:
         raise ConfigError("config error at 'data.path': the multimodal source needs a .jsonl or .parquet file")
     bad: list[str] = []
-    samples = read_samples(cfg.data.path, bad, cfg.data.streaming)
+    samples = read_samples(cfg.data.path, bad, cfg.data.streaming, cfg.model)
     check_bad_share(bad, len(samples), cfg.data.max_bad_fraction, "data.max_bad_fraction", cfg.data.path)
     tok = tokenizer_for_run(cfg, run_dir, lambda: [p for s in samples for kind, p in s.parts if kind == "text"])
     m = cfg.model
@@ -184,7 +195,7 @@ def multimodal_rows(cfg, run_dir: str) -> PackedRows:
     tokens = {"text": 0, "image": 0, "time_series": 0}
     docs = []
     for i, sample in enumerate(samples):
-        ids = tokenize_sample(sample, tok, m.image_token_id, m.ts_token_id, m.timeseries.window, tokens) + [eos]
+        ids = tokenize_sample(sample, tok, m.image_token_id, m.ts_token_id, tokens) + [eos]
         docs.append(Document(ids, [t not in placeholders for t in ids], sample.images, sample.series,
                              where=f"{cfg.data.path}: document {i + 1}"))
     report = PackReport()

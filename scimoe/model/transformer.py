@@ -128,11 +128,11 @@ class MoETransformer(nn.Module):
                     module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
                     if module.bias is not None:
                         module.bias.zero_()
+                elif isinstance(module, nn.Embedding):  # learned position tables
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
                 elif isinstance(module, nn.MultiheadAttention):
                     module.in_proj_weight.copy_(torch.randn(module.in_proj_weight.shape, generator=gen) * std)
                     module.in_proj_bias.zero_()
-            if isinstance(encoder, VisionEncoder):
-                encoder.pos_embed.copy_(torch.randn(encoder.pos_embed.shape, generator=gen) * std)
         for buf_name, buf in self.named_buffers():
             if buf_name.endswith(("expert_output_ema", "selection_bias", "load_since_update")):
                 buf.zero_()

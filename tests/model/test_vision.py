@@ -41,5 +41,10 @@ def test_the_intern_s1_pro_preset_has_the_published_sizes():
     assert (INTERN_S1_PRO_VISION.hidden, INTERN_S1_PRO_VISION.layers, INTERN_S1_PRO_VISION.heads) == (1024, 24, 16)
     with torch.device("meta"):
         encoder = VisionEncoder(INTERN_S1_PRO_VISION, lm_hidden=4096)
+    shapes = {n: list(p.shape) for n, p in encoder.named_parameters()}  # the released tower's names and shapes
+    assert shapes["pos_embed.weight"] == [2304, 1024] and shapes["patch_embed.proj.weight"] == [1024, 3, 2, 16, 16]
+    assert shapes["blocks.0.attn.qkv.weight"] == [3072, 1024] and shapes["blocks.23.mlp.linear_fc2.weight"] == [1024, 4096]
+    assert shapes["merger.norm.weight"] == [1024] and shapes["merger.linear_fc1.weight"] == [4096, 4096]
+    assert shapes["merger.linear_fc2.weight"] == [4096, 4096]
     blocks = sum(p.numel() for p in encoder.blocks.parameters())
     assert blocks == 24 * (2 * 2 * 1024 + 3 * 1024 * 1024 + 3 * 1024 + 1024 * 1024 + 1024 + 2 * 1024 * 4096 + 4096 + 1024)

@@ -206,6 +206,16 @@ class ModelConfig:
     """Id of `<|image_pad|>` (scimoe's tokenizers reserve it): replaced by vision embeddings."""
     ts_token_id: int = 4
     """Id of `<|ts_pad|>`: replaced by time-series embeddings."""
+    bos_token_id: int = 0
+    """Beginning of text (`<|endoftext|>` in scimoe's tokenizers; 151643 in the released model's)."""
+    eos_token_id: int = 2
+    """End of a turn (`<|im_end|>`; 151645 in the released model's)."""
+    video_token_id: int = -1
+    """`<|video_pad|>`, kept for export (−1: none; 151656 in the released model's)."""
+    vision_start_token_id: int = -1
+    """`<|vision_start|>` (−1: none; 151652 in the released model's)."""
+    vision_end_token_id: int = -1
+    """`<|vision_end|>` (−1: none; 151653 in the released model's)."""
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "max_positions"):

@@ -42,7 +42,12 @@ class RoPE(nn.Module):
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
+        self.head_dim, self.theta = head_dim, theta
         self.register_buffer("inv_freq", inverse_frequencies(head_dim, theta), persistent=False)
+
+    @torch.no_grad()
+    def reset_frequencies(self) -> None:
+        self.inv_freq.copy_(inverse_frequencies(self.head_dim, self.theta))
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.float().unsqueeze(-1) * self.inv_freq
@@ -66,7 +71,7 @@ class FoPE(nn.Module):
         super().__init__()
         self.half = head_dim // 2
         self.kept = kept_frequency_count(head_dim, theta, max_positions)
-        self.init_factor, self.sep_head = init_factor, sep_head
+        self.init_factor, self.sep_head, self.head_dim, self.theta = init_factor, sep_head, head_dim, theta
         n_tables = n_kv_heads if sep_head else 1
         self.register_buffer("inv_freq", inverse_frequencies(head_dim, theta)[: self.kept], persistent=False)
         for name in ("cos_coef", "sin_coef"):
@@ -76,6 +81,10 @@ class FoPE(nn.Module):
             else:
                 self.register_buffer(name, table)
         self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_frequencies(self) -> None:
+        self.inv_freq.copy_(inverse_frequencies(self.head_dim, self.theta)[: self.kept])
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -137,6 +137,14 @@ class MoETransformer(nn.Module):
             if buf_name.endswith(("expert_output_ema", "selection_bias", "load_since_update")):
                 buf.zero_()
 
+    @torch.no_grad()
+    def reset_computed_buffers(self) -> None:
+        """Refill the buffers that are computed rather than saved (rotary frequencies, the MoE layers' per-step
+        counters): after the model was materialised from the meta device."""
+        self.rotary.reset_frequencies()
+        for moe in self.moe_layers():
+            moe.discard_step()
+
     def moe_layers(self) -> list[MoELayer]:
         # A pipeline stage replaces the layers it does not run with placeholders (no `mlp`).
         return [layer.mlp for layer in self.layers if isinstance(getattr(layer, "mlp", None), MoELayer)]

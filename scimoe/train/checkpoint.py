@@ -135,6 +135,31 @@ def load_weights(path: str, model: torch.nn.Module, dims: ParallelDims = Paralle
     _load_model(index, model, shards.shard_layout(model, dims), path)
 
 
+ARCHITECTURE = ("vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "pos_emb", "rope_theta",
+                "max_positions", "fope_sep_head", "moe.num_experts", "moe.top_k", "moe.n_groups", "moe.ffn_hidden",
+                "moe.dense_layers", "moe.dense_ffn_hidden", "moe.shared_expert_ffn", "vision.enabled", "vision.hidden",
+                "vision.layers", "vision.heads", "vision.mlp", "vision.grid", "timeseries.enabled", "timeseries.hidden",
+                "timeseries.layers", "timeseries.heads", "timeseries.ffn", "timeseries.embed_hidden")
+
+
+def load_hf_weights(folder: str, model: torch.nn.Module, cfg, dims: ParallelDims = ParallelDims()) -> None:
+    """`checkpoint.init_weights=hf:FOLDER`: this rank's slices of a Hugging Face folder, read lazily; the folder's
+    architecture must be the run's (the first difference is named)."""
+    from scimoe.config import ConfigError
+    from scimoe.convert.hf_index import HFIndex, read_config
+
+    theirs = read_config(folder)
+    for key in ARCHITECTURE:
+        ours_value, their_value = cfg, theirs
+        for part in key.split("."):
+            ours_value, their_value = getattr(ours_value, part), getattr(their_value, part)
+        if ours_value != their_value and not (key.startswith(("vision.", "timeseries.")) and
+                                              not getattr(getattr(cfg, key.split(".")[0]), "enabled")):
+            raise ConfigError(f"config error at 'model.{key}': {ours_value!r} in this run, {their_value!r} in "
+                              f"checkpoint.init_weights=hf:{folder} (its config.json)")
+    _load_model(HFIndex(folder, theirs), model, shards.shard_layout(model, dims), folder)
+
+
 def _load_model(index: shards.ShardIndex, model: torch.nn.Module, layout: dict, path: str) -> None:
     local = tensor_state(model)
     missing = sorted(name for name in local if name not in index)

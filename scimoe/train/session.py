@@ -67,6 +67,19 @@ def memory_gib(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+def materialize(model: MoETransformer, device: torch.device) -> MoETransformer:
+    """Storage for a model built on the meta device (contents undefined until loaded), the buffers computed
+    from the config filled in, and the tensors' attributes (megatron's and ours: which are shards) kept: moving
+    off the meta device makes new tensor objects."""
+    tensors = lambda: list(model.named_parameters()) + list(model.named_buffers())  # noqa: E731
+    attributes = {name: dict(vars(t)) for name, t in tensors() if vars(t)}
+    model.to_empty(device=device)
+    for name, tensor in tensors():
+        vars(tensor).update(attributes.get(name, {}))
+    model.reset_computed_buffers()
+    return model
+
+
 class Session:
     """One run of a recipe on this rank. `dims` defaults to the layout torchrun describes with `cfg.parallel`'s
     sizes; `initial_state` (a full single-process state dict) replaces the seeded initial weights."""
@@ -103,6 +116,14 @@ class Session:
         self.skipped_in_a_row = 0
 
     def _parallel_model(self, state: dict | None) -> tuple[MoETransformer, list]:
+        """This rank's part of the model. Started from a Hugging Face folder, it is built and sharded on the meta
+        device and only this rank's share is ever allocated (the weights are read in afterwards); otherwise it
+        is initialised whole from the seed, as one process would, and then sharded."""
+        if state is None and self.cfg.checkpoint.init_weights.startswith("hf:"):
+            with torch.device("meta"):
+                model = build_model(self.cfg.model)
+                chunks = parallelize(model, self.dims)
+            return materialize(model, self.device), chunks
         model = build_model(self.cfg.model, seed=self.cfg.train.seed)
         if state is not None:
             model.load_state_dict(state)
@@ -119,7 +140,11 @@ class Session:
         return model.eval().requires_grad_(False), chunks
 
     def _load_init_weights(self, model: MoETransformer) -> None:
-        source = checkpoint.find_resume_path(self.run_dir, self.cfg.checkpoint.init_weights, "checkpoint.init_weights")
+        source = self.cfg.checkpoint.init_weights
+        if source.startswith("hf:"):  # a Hugging Face folder, read rank by rank
+            checkpoint.load_hf_weights(source[3:], model, self.cfg.model, self.dims)
+            return
+        source = checkpoint.find_resume_path(self.run_dir, source, "checkpoint.init_weights")
         checkpoint.load_weights(source, model, self.dims)
 
     def resume(self) -> dict | None:

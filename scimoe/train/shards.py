@@ -113,14 +113,17 @@ class ShardIndex:
     def __init__(self, files: list[str]) -> None:
         self.pieces: dict[str, list[_Piece]] = {}
         self.global_shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
         self._handles: dict[str, object] = {}
         for file in files:
             handle = self._open(file)
             meta = json.loads((handle.metadata() or {}).get(METADATA_KEY, "{}"))
             for key, info in meta.items():
-                shape = tuple(handle.get_slice(key).get_shape())
+                piece = handle.get_slice(key)
+                shape = tuple(piece.get_shape())
                 self.pieces.setdefault(info["name"], []).append(_Piece(file, key, tuple(info["offsets"]), shape))
                 self.global_shapes[info["name"]] = tuple(info["global_shape"])
+                self.dtypes[info["name"]] = piece.get_dtype()
 
     def _open(self, file: str):
         if file not in self._handles:
@@ -132,6 +135,11 @@ class ShardIndex:
 
     def names(self) -> list[str]:
         return sorted(self.pieces)
+
+    def element_size(self, name: str) -> int:
+        """Bytes per element of `name` as stored."""
+        return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "U8": 1, "I8": 1,
+                "BOOL": 1}[self.dtypes[name]]
 
     def full(self, name: str) -> torch.Tensor:
         shape = self.global_shapes.get(name, ())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -39,29 +40,103 @@ def _state(path: str) -> dict[str, torch.Tensor]:
 
 
 def test_export_import_round_trip_is_bit_exact(tmp_path):
-    path, cfg = _trained(tmp_path, bias_update_rate=1e-2, dense_layers=1, dense_ffn_hidden=96)
+    path, cfg = _trained(tmp_path, dense_layers=1, dense_ffn_hidden=96)
     names = cli.export(path, str(tmp_path / "hf"), max_shard_bytes=400_000)
     assert len(names) > 1  # sharded, with an index naming every weight's file
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(names)
     assert "model.language_model.layers.1.mlp.experts.15.down_proj.weight" in index["weight_map"]
     assert "model.language_model.layers.0.mlp.gate_proj.weight" in index["weight_map"]  # the dense layer
+    assert "model.language_model.rotary_emb.sin_coef" in index["weight_map"]  # FoPE tables, the released names
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["InternS1ProForConditionalGeneration"]
     assert config["text_config"]["router_n_groups"] == cfg.model.moe.n_groups
     assert config["text_config"]["mlp_only_layers"] == [0]
+    assert config["text_config"]["rope_theta"] == 5000000 and isinstance(config["text_config"]["rope_theta"], int)
+    assert config["text_config"]["rope_scaling"] == {"rope_type": "default", "fope_init_factor": 0.5,
+                                                     "fope_sep_head": True, "num_inv_freq": None}
     imported = cli.import_hf(str(tmp_path / "hf"), str(tmp_path / "imported"))
     original, back = _state(path), _state(imported)
     assert original.keys() == back.keys()
-    assert any(t.any() for n, t in original.items() if n.endswith("selection_bias"))  # the bias moved
     for name in original:
         assert torch.equal(original[name], back[name]), name
     got = cli.checkpoint_model_config(imported)  # the architecture; training-only settings are not in HF configs
     for key in ("vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "rms_eps", "pos_emb", "rope_theta",
-                "max_positions", "fope_init_factor", "fope_sep_head"):
+                "max_positions", "fope_init_factor", "fope_sep_head", "bos_token_id", "eos_token_id", "image_token_id"):
         assert getattr(got, key) == getattr(cfg.model, key), key
     for key in ("num_experts", "top_k", "n_groups", "ffn_hidden", "norm_topk_prob", "dense_layers", "dense_ffn_hidden"):
         assert getattr(got.moe, key) == getattr(cfg.model.moe, key), key
+
+
+def test_all_three_towers_go_out_and_come_back_under_the_released_names(tmp_path):
+    from scimoe.config import compose_config
+
+    cfg = compose_config(["model=tiny_mm", "model.zero_init_output=false"])
+    model = build_model(cfg.model, seed=5)
+    state = {k: v for k, v in model.state_dict().items()}
+    entries = {k: (k, t, shards.placement(t, None)) for k, t in state.items()}
+    from omegaconf import OmegaConf
+
+    start = checkpoint.write(str(tmp_path / "run"), 3, entries, None, None, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    cli.export(start, str(tmp_path / "hf"))
+    weights = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    for name in ("model.visual.patch_embed.proj.weight", "model.visual.pos_embed.weight",
+                 "model.visual.blocks.1.attn.qkv.weight", "model.visual.blocks.0.mlp.linear_fc2.bias",
+                 "model.visual.merger.norm.weight", "model.visual.merger.linear_fc2.weight",
+                 "model.time_series.encoder_embed.conv.weight", "model.time_series.encoder.layers.1.fc1.weight",
+                 "model.time_series.encoder.embed_positions.weight", "model.time_series.projector.linear_2.weight"):
+        assert name in weights, name
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["vision_config"]["depth"] == cfg.model.vision.layers
+    assert config["vision_config"]["num_position_embeddings"] == cfg.model.vision.grid ** 2
+    assert config["ts_config"]["d_model"] == cfg.model.timeseries.hidden
+    assert config["image_token_id"] == cfg.model.image_token_id and config["ts_token_id"] == cfg.model.ts_token_id
+    back = _state(cli.import_hf(str(tmp_path / "hf"), str(tmp_path / "imported")))
+    assert back.keys() == state.keys()
+    assert all(torch.equal(state[k], back[k]) for k in state)
+
+
+def test_a_selection_bias_the_released_code_would_ignore_is_refused(tmp_path):
+    path, _ = _trained(tmp_path, bias_update_rate=1e-2)
+    with pytest.raises(ValueError, match=r"model\.moe\.bias_update_rate.*routes without it"):
+        cli.export(path, str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.tmp").exists()  # a failed export leaves nothing
+
+
+def test_transformers_5_files_import_fused_experts_and_num_local_experts(tmp_path):
+    path, cfg = _trained(tmp_path, pos_emb="rope", n_groups=1)
+    cli.export(path, str(tmp_path / "hf"), layout="qwen3_moe")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["num_local_experts"] = config.pop("num_experts")  # how transformers 5 writes it
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(p for p in os.listdir(tmp_path / "hf") if p.endswith(".safetensors"))
+    weights = {k: v for f in files for k, v in load_file(str(tmp_path / "hf" / f)).items()}
+    for layer in range(cfg.model.layers):  # experts saved fused, gate rows first (transformers 5)
+        base = f"model.layers.{layer}.mlp.experts."
+        gate = [weights.pop(f"{base}{e}.gate_proj.weight") for e in range(16)]
+        up = [weights.pop(f"{base}{e}.up_proj.weight") for e in range(16)]
+        down = [weights.pop(f"{base}{e}.down_proj.weight") for e in range(16)]
+        weights[base + "gate_up_proj"] = torch.cat([torch.stack(gate), torch.stack(up)], dim=1)
+        weights[base + "down_proj"] = torch.stack(down)
+    for f in files:
+        os.remove(tmp_path / "hf" / f)
+    os.remove(tmp_path / "hf" / "model.safetensors.index.json")
+    save_file(weights, str(tmp_path / "hf" / "model.safetensors"))
+    original, back = _state(path), _state(cli.import_hf(str(tmp_path / "hf"), str(tmp_path / "imported")))
+    assert all(torch.equal(original[k], back[k]) for k in original)
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"hidden_act": "gelu"}, "hidden_act"), ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type"),
+    ({"tie_word_embeddings": True}, "tie_word_embeddings"), ({"attention_bias": True}, "attention_bias"),
+    ({"decoder_sparse_step": 2}, "decoder_sparse_step")])
+def test_what_scimoe_cannot_compute_is_refused_naming_the_field(change, key):
+    config = hf.hf_config(tiny_config().model, "intern_s1_pro")
+    config["text_config"].update(change)
+    with pytest.raises(ValueError, match=f"config error at '(text_config\\.)?{key.replace('.', chr(92) + '.')}'"):
+        hf.model_config(config)
 
 
 def test_qwen3_moe_transformers_gives_the_same_logits(tmp_path):
@@ -83,7 +158,7 @@ def test_qwen3_moe_transformers_gives_the_same_logits(tmp_path):
 
 def test_fope_and_grouped_models_are_refused_for_qwen3_moe_by_name(tmp_path):
     path, _ = _trained(tmp_path)
-    with pytest.raises(ValueError, match="pos_emb=rope and model.moe.n_groups=1"):
+    with pytest.raises(ValueError, match="text-only with RoPE and one router group"):
         cli.export(path, str(tmp_path / "hf"), layout="qwen3_moe")
     assert not (tmp_path / "hf").exists()
 
@@ -117,17 +192,38 @@ def test_training_starts_from_an_imported_folder_through_the_command_line_tools(
     assert from_import[0]["loss"] != scratch[0]["loss"]
 
 
-def test_bad_folders_are_refused_by_name(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json is missing"):
-        cli.import_hf(str(tmp_path), str(tmp_path / "out"))
-    path, _ = _trained(tmp_path)
-    cli.export(path, str(tmp_path / "hf"))
-    shard = next(p for p in os.listdir(tmp_path / "hf") if p.endswith(".safetensors"))
+def test_bad_folders_are_refused_by_name_and_leave_nothing(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    weights = load_file(str(tmp_path / "hf" / shard))
-    weights.pop(next(k for k in weights if ".experts.3." in k))
-    save_file(weights, str(tmp_path / "hf" / shard))
-    with pytest.raises(ValueError, match="present for 15 of 16 experts"):
-        cli.import_hf(str(tmp_path / "hf"), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="config.json is missing"):
+        cli.import_hf(str(tmp_path), str(tmp_path / "out"))
+    path, _ = _trained(tmp_path)
+    cli.export(path, str(tmp_path / "good"), max_shard_bytes=400_000)
+
+    def broken(name: str):
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "good", folder)
+        return folder, sorted(p for p in os.listdir(folder) if p.endswith(".safetensors"))
+
+    folder, files = broken("missing_expert")
+    weights = load_file(str(folder / files[1]))
+    gone = next(k for k in weights if ".experts.3." in k)
+    weights.pop(gone)
+    save_file(weights, str(folder / files[1]))
+    cases = {"missing_expert": f"places '{gone}' in {files[1]}, which lacks it"}
+    folder, files = broken("truncated")
+    (folder / files[0]).write_bytes((folder / files[0]).read_bytes()[:100])
+    cases["truncated"] = f"{files[0]} is not a readable safetensors file"
+    folder, files = broken("missing_shard")
+    os.remove(folder / files[-1])
+    cases["missing_shard"] = f"names {files[-1]}, which is not in"
+    folder, files = broken("wrong_shape")
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["moe_intermediate_size"] *= 2
+    (folder / "config.json").write_text(json.dumps(config))
+    cases["wrong_shape"] = "has shape .* config.json implies"
+    for name, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            cli.import_hf(str(tmp_path / name), str(tmp_path / f"out_{name}"))
+        assert not (tmp_path / f"out_{name}").exists(), name  # nothing partial left
     assert hf.LAYOUTS == ("intern_s1_pro", "qwen3_moe")

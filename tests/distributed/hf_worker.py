@@ -1,0 +1,66 @@
+"""Starting from a Hugging Face folder in parallel layouts, launched by tests/distributed/test_hf_load.py as
+`torchrun --standalone --nproc_per_node=N tests/distributed/hf_worker.py SPEC.json`.
+
+For each layout: a short run with `checkpoint.init_weights=hf:FOLDER` (its losses), and the peak resident memory
+of this rank while the session builds the model and reads the folder, against the same session initialised from
+the seed (the whole model on every rank). Rank 0 writes SPEC's `out` JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from scimoe.parallel.dims import ParallelDims  # noqa: E402
+from scimoe.train.pretrain import pretrain  # noqa: E402
+from scimoe.train.session import Session  # noqa: E402
+from tests.distributed.test_hf_load import hf_run_config  # noqa: E402
+from tests.peak_memory import peak_rss_during  # noqa: E402
+
+
+def run(spec: dict, rank: int, world: int) -> dict:
+    out = {}
+    for layout in spec["layouts"]:
+        cfg = hf_run_config(spec["folder"], layout, spec["model"])
+        dims = ParallelDims.from_config(cfg.parallel, world, rank).build_groups()
+        name = layout["name"]
+        if spec.get("memory"):
+            results = {}
+            import deepspeed.utils.groups  # noqa: F401  (imported once before measuring: modules are not the model)
+            import megatron.core.tensor_parallel  # noqa: F401
+            for start in ("seed", "hf", "hf"):  # the first hf start warms the allocator and the readers' code
+                cfg.checkpoint.init_weights = f"hf:{spec['folder']}" if start == "hf" else ""
+                dims.barrier()
+
+                def build():
+                    with Session(cfg, os.path.join(spec["workdir"], f"{name}_{start}_{rank}"), dims) as session:
+                        session.resume()
+                        return sum(p.numel() * p.element_size() for p in session.model.parameters())
+                own, extra = peak_rss_during(build)
+                results[start] = {"extra_bytes": extra, "own_bytes": own}
+            out[name] = dims.all_gather_object(results)
+        else:
+            records = pretrain(cfg, os.path.join(spec["workdir"], name), dims=dims).records
+            out[name] = [r["loss"] for r in records]
+    return out
+
+
+def main() -> None:
+    spec = json.load(open(sys.argv[1]))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    results = run(spec, rank, world)
+    if rank == 0:
+        with open(spec["out"], "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

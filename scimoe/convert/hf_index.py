@@ -86,7 +86,6 @@ class HFIndex:
 
         self.folder = folder
         self.files = weight_files(folder)
-        self._handles: dict[str, object] = {}
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
         self.global_shapes = expected
@@ -116,7 +115,7 @@ class HFIndex:
             elif name not in self.sources:
                 raise HFFolderError(f"{self.folder} lacks the weight for '{name}' (config.json implies it)")
             else:
-                got = tuple(self._handle(self.sources[name]).get_slice(self.sources[name]).get_shape())
+                got = self._shape(self.sources[name])
                 if got != shape and not (name.startswith("rotary.") and (1, *got) == shape):
                     raise HFFolderError(f"{self.folder}: '{self.sources[name]}' has shape {list(got)}, config.json "
                                         f"implies {list(shape)}")
@@ -131,16 +130,24 @@ class HFIndex:
                 hf_name = f"{self.prefix}layers.{layer}.mlp.experts.{e}.{kind}.weight"
                 if hf_name not in self.files:
                     raise HFFolderError(f"{self.folder} lacks '{hf_name}' ({experts} experts in config.json)")
-                got = tuple(self._handle(hf_name).get_slice(hf_name).get_shape())
+                got = self._shape(hf_name)
                 if got != want:
                     raise HFFolderError(f"{self.folder}: '{hf_name}' has shape {list(got)}, config.json implies "
                                         f"{list(want)}")
 
-    def _handle(self, hf_name: str):
-        file = self.files[hf_name]
-        if file not in self._handles:
-            self._handles[file] = _open(os.path.join(self.folder, file))
-        return self._handles[file]
+    def _shape(self, hf_name: str) -> tuple[int, ...]:
+        if not hasattr(self, "_shapes"):  # every file's header once
+            self._shapes = {}
+            for file in sorted(set(self.files.values())):
+                with _open(os.path.join(self.folder, file)) as handle:
+                    self._shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
+        return self._shapes[hf_name]
+
+    def _slice(self, hf_name: str, window: tuple[slice, ...]) -> torch.Tensor:
+        """A copy of `window` of one tensor; the file is mapped only while it is read, so its pages do not
+        stay in this process's memory."""
+        with _open(os.path.join(self.folder, self.files[hf_name])) as handle:
+            return handle.get_slice(hf_name)[window] if window else handle.get_tensor(hf_name)
 
     def __contains__(self, name: str) -> bool:
         return name in self.global_shapes
@@ -160,10 +167,9 @@ class HFIndex:
         if name in self.experts:
             return self._read_experts(name, window)
         hf_name = self.sources[name]
-        part = self._handle(hf_name).get_slice(hf_name)
-        if name.startswith("rotary.") and len(part.get_shape()) == len(shape) - 1:  # one shared table, stored 2-D
-            return part[window[1:]].unsqueeze(0)
-        return part[window] if window else self._handle(hf_name).get_tensor(hf_name)
+        if name.startswith("rotary.") and len(self._shape(hf_name)) == len(shape) - 1:  # one shared table, 2-D
+            return self._slice(hf_name, window[1:]).unsqueeze(0)
+        return self._slice(hf_name, window)
 
     def _read_experts(self, name: str, window: tuple[slice, ...]) -> torch.Tensor:
         layer = name.split(".")[1]
@@ -172,17 +178,13 @@ class HFIndex:
         out = []
         for e in range(experts.start, experts.stop):
             if name.endswith("down_proj"):
-                out.append(self._expert(base, e, "down_proj")[rows, cols])
+                out.append(self._slice(f"{base}{e}.down_proj.weight", (rows, cols)))
                 continue
             f = self.global_shapes[name][1] // 2  # gate rows [0, F), up rows [F, 2F)
             pieces = []
             if rows.start < f:
-                pieces.append(self._expert(base, e, "gate_proj")[rows.start:min(rows.stop, f), cols])
+                pieces.append(self._slice(f"{base}{e}.gate_proj.weight", (slice(rows.start, min(rows.stop, f)), cols)))
             if rows.stop > f:
-                pieces.append(self._expert(base, e, "up_proj")[max(rows.start, f) - f:rows.stop - f, cols])
+                pieces.append(self._slice(f"{base}{e}.up_proj.weight", (slice(max(rows.start, f) - f, rows.stop - f), cols)))
             out.append(torch.cat(pieces))
         return torch.stack(out)
-
-    def _expert(self, base: str, e: int, kind: str):
-        hf_name = f"{base}{e}.{kind}.weight"
-        return self._handle(hf_name).get_slice(hf_name)

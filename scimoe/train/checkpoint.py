@@ -161,13 +161,16 @@ def load_hf_weights(folder: str, model: torch.nn.Module, cfg, dims: ParallelDims
 
 
 def _load_model(index: shards.ShardIndex, model: torch.nn.Module, layout: dict, path: str) -> None:
-    local = tensor_state(model)
+    """Every tensor of the model read from `index` and copied in place, one at a time: the peak is the model
+    plus one slice (non-tensor entries, megatron's _extra_state, stay)."""
+    local = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}  # sharing storage
     missing = sorted(name for name in local if name not in index)
     if missing:
         raise ValueError(f"checkpoint {path} does not fit the model: it lacks {missing[:5]}"
                          f"{' and more' if len(missing) > 5 else ''}")
-    weights = {name: shards.read_local(index, name, tuple(t.shape), layout.get(name)) for name, t in local.items()}
-    model.load_state_dict(weights, strict=False)  # non-tensor entries (megatron's _extra_state) stay
+    with torch.no_grad():
+        for name, target in local.items():
+            target.copy_(shards.read_local(index, name, tuple(target.shape), layout.get(name)))
 
 
 def load(path: str, model: torch.nn.Module, optimizer: Any, dims: ParallelDims = ParallelDims()) -> dict:

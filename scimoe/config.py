@@ -310,7 +310,11 @@ class DataConfig:
     path: Optional[str] = None
     """Text corpus file; None = the corpus bundled with the package."""
     tokenizer: Optional[str] = None
-    """A `tokenizers` JSON file; None = train a byte-level BPE on the corpus (to model.vocab_size)."""
+    """A `tokenizers` JSON file, or `hf:FOLDER` (a Hugging Face tokenizer folder, e.g. the released model's); None =
+    train a byte-level BPE on the corpus (to model.vocab_size)."""
+    trust_remote_code: bool = False
+    """Let a `hf:` tokenizer folder run the Python code it ships (the released Intern-S1-Pro's does); refused
+    otherwise, naming the file."""
 
     synthetic_rows: int = 512
     """Rows the synthetic source generates (one epoch)."""

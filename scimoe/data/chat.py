@@ -1,16 +1,21 @@
-"""Intern-S1-Pro's chat format (DESIGN.md §5), rendered by our own code into segments that say which
-tokens the SFT loss trains on.
+"""Intern-S1-Pro's chat format as the released `chat_template.jinja` renders it, by our own code into segments
+that say which tokens the SFT loss trains on.
 
-Tested by `python -m pytest tests/data/test_chat.py` (golden strings and the loss mask token by token).
-A conversation is rendered as ChatML turns `<|im_start|>{role}\\n…<|im_end|>\\n`:
+Tested by `python -m pytest tests/data/test_chat.py` (golden strings, the loss mask token by token, and the
+strings the released template renders for the same conversations, stored as a fixture). A conversation is
+ChatML turns `<|im_start|>{role}\n…<|im_end|>\n`, as the release writes them:
 - system: its content, then (when tools are given) the tool signatures as JSON lines in `<tools></tools>`;
-- user: text, with `<|image_pad|>` / `<|ts_pad|>` for image and time-series content items;
-- assistant: `<think>\\n{reasoning}\\n</think>\\n\\n` (thinking on) or the prompt-side `<think></think>\\n\\n`
-  (thinking off), the content, then each call as `<tool_call>\\n{"name": …, "arguments": …}\\n</tool_call>`;
-- tool: consecutive tool messages become one user turn of `<tool_response>\\n…\\n</tool_response>` blocks.
-Trained: everything an assistant turn writes after `<|im_start|>assistant\\n` (and after the empty think
-block with thinking off) up to and including its `<|im_end|>`. Not trained: system, user, tool responses,
-the turn headers and the newline after `<|im_end|>`.
+- user: text; an image item is `Picture N: <|vision_start|><|image_pad|><|vision_end|>` (N counts the
+  conversation's images), a time-series item `<|ts|><TS_CONTEXT><|/ts|>` (how LMDeploy's Intern-S1-Pro marks one;
+  the released template has no time-series items);
+- assistant: after the last real user query, `<think>{reasoning}</think>\n\n` (no newlines inside) when the turn
+  has reasoning or is the last one, then the content; earlier turns show their content only (their reasoning is
+  dropped, as the released model saw it); then each call as `<tool_call>\n{"name": "…", "arguments": …}\n</tool_call>`;
+- tool: consecutive tool messages become one user turn of `<tool_response>\n…\n</tool_response>` blocks.
+The generation prompt ends `<|im_start|>assistant\n<think>` (thinking on) or `…<think></think>\n\n` (off).
+Trained: everything an assistant turn writes after `<|im_start|>assistant\n` up to and including its
+`<|im_end|>` (with thinking off, the empty think block is prompt-side). Not trained: system, user, tool
+responses, the turn headers and the newline after `<|im_end|>`.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ TOOLS_FOOTER = ("</tools>\n\nFor each function call, return a json object with f
                 "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
                 "<args-json-object>}\n</tool_call>")
 ROLES = ("system", "user", "assistant", "tool")
-PLACEHOLDERS = {"image": "<|image_pad|>", "time_series": "<|ts_pad|>"}
+PLACEHOLDERS = {"image": "<|vision_start|><|image_pad|><|vision_end|>", "time_series": "<|ts|><TS_CONTEXT><|/ts|>"}
 
 Segment = tuple[str, bool]
 """(text, trained)."""
@@ -33,7 +38,8 @@ class ChatFormatError(ValueError):
     """A conversation that cannot be rendered (the message says which field)."""
 
 
-def _content(message: dict[str, Any], index: int) -> str:
+def _content(message: dict[str, Any], index: int, images: list[int] | None = None) -> str:
+    """A message's text; `images` (a one-element counter) numbers the pictures as the release does."""
     content = message.get("content") or ""
     if isinstance(content, str):
         return content
@@ -44,8 +50,12 @@ def _content(message: dict[str, Any], index: int) -> str:
         kind = item.get("type") if isinstance(item, dict) else None
         if kind == "text":
             parts.append(item.get("text", ""))
-        elif kind in PLACEHOLDERS:
-            parts.append(PLACEHOLDERS[kind])
+        elif kind == "image":
+            if images is not None:
+                images[0] += 1
+            parts.append(f"Picture {images[0] if images else 0}: {PLACEHOLDERS['image']}")
+        elif kind == "time_series":
+            parts.append(PLACEHOLDERS["time_series"])
         else:
             raise ChatFormatError(f"messages[{index}].content: unknown item type {kind!r}")
     return "".join(parts)
@@ -56,13 +66,24 @@ def _tool_call(call: dict[str, Any], index: int) -> str:
     if "name" not in function:
         raise ChatFormatError(f"messages[{index}].tool_calls: a call without a name")
     arguments = function.get("arguments", {})
-    if isinstance(arguments, str):
+    if isinstance(arguments, str):  # written as given, as the release does; it must still be JSON
         try:
-            arguments = json.loads(arguments)
+            json.loads(arguments)
         except ValueError as err:
             raise ChatFormatError(f"messages[{index}].tool_calls: arguments are not JSON: {err}") from err
-    return "<tool_call>\n" + json.dumps({"name": function["name"], "arguments": arguments}, ensure_ascii=False) + \
-        "\n</tool_call>"
+    else:
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return f'<tool_call>\n{{"name": "{function["name"]}", "arguments": {arguments}}}\n</tool_call>'
+
+
+def _last_query(messages: list[dict[str, Any]]) -> int:
+    """Index of the last user message that is not wholly a tool response (the release's last_query_index)."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            content = _content(messages[i], i)
+            if not (content.startswith("<tool_response>") and content.endswith("</tool_response>")):
+                return i
+    return len(messages) - 1
 
 
 def render(messages: list[dict[str, Any]], tools: list[dict] | None = None, thinking: bool = True,
@@ -71,46 +92,56 @@ def render(messages: list[dict[str, Any]], tools: list[dict] | None = None, thin
     if not messages:
         raise ChatFormatError("messages is empty")
     out: list[Segment] = []
-    start = 0
-    if messages[0].get("role") == "system" or tools:
-        system = _content(messages[0], 0) if messages[0].get("role") == "system" else ""
-        start = 1 if messages[0].get("role") == "system" else 0
-        if tools:
-            lines = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-            system = (system + "\n\n" if system else "") + f"{TOOLS_HEADER}\n{lines}\n{TOOLS_FOOTER}"
-        out.append((f"<|im_start|>system\n{system}<|im_end|>\n", False))
-    i = start
+    has_system = messages[0].get("role") == "system"
+    if tools:
+        system = (_content(messages[0], 0) + "\n\n") if has_system else ""
+        lines = "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools)
+        out.append((f"<|im_start|>system\n{system}{TOOLS_HEADER}{lines}\n{TOOLS_FOOTER}<|im_end|>\n", False))
+    elif has_system:
+        out.append((f"<|im_start|>system\n{_content(messages[0], 0)}<|im_end|>\n", False))
+    last_query, images = _last_query(messages), [0]
+    i = 1 if has_system else 0
     while i < len(messages):
         message, role = messages[i], messages[i].get("role")
         if role not in ROLES or (role == "system" and i > 0):
             raise ChatFormatError(f"messages[{i}].role: {role!r} is not one of {ROLES} (system only first)")
         if role == "user":
-            out.append((f"<|im_start|>user\n{_content(message, i)}<|im_end|>\n", False))
+            out.append((f"<|im_start|>user\n{_content(message, i, images)}<|im_end|>\n", False))
         elif role == "tool":
             blocks = []
             while i < len(messages) and messages[i].get("role") == "tool":
-                blocks.append(f"<tool_response>\n{_content(messages[i], i)}\n</tool_response>")
+                blocks.append(f"\n<tool_response>\n{_content(messages[i], i, images)}\n</tool_response>")
                 i += 1
-            out.append(("<|im_start|>user\n" + "\n".join(blocks) + "<|im_end|>\n", False))
+            out.append(("<|im_start|>user" + "".join(blocks) + "<|im_end|>\n", False))
             continue
         else:
-            out.extend(_assistant(message, i, thinking))
+            out.extend(_assistant(message, i, thinking, i > last_query, i == len(messages) - 1, images))
         i += 1
     if add_generation_prompt:
-        out.append(("<|im_start|>assistant\n" + ("" if thinking else "<think></think>\n\n"), False))
+        out.append(("<|im_start|>assistant\n" + ("<think>" if thinking else "<think></think>\n\n"), False))
     return out
 
 
-def _assistant(message: dict[str, Any], index: int, thinking: bool) -> list[Segment]:
-    body = _content(message, index)
+def _assistant(message: dict[str, Any], index: int, thinking: bool, after_query: bool, last: bool,
+               images: list[int]) -> list[Segment]:
+    body = _content(message, index, images)
+    reasoning = message.get("reasoning_content")
+    if not isinstance(reasoning, str):
+        reasoning = ""
+        if "</think>" in body:
+            reasoning = body.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+            body = body.split("</think>")[-1].lstrip("\n")
+    if not thinking:
+        reasoning = ""
+    think = ""
+    if after_query and (last or reasoning):
+        think, body = f"<think>{reasoning.strip(chr(10))}</think>\n\n", body.lstrip("\n")
     calls = message.get("tool_calls") or []
-    if calls:
-        body = (body + "\n" if body else "") + "\n".join(_tool_call(c, index) for c in calls)
-    if thinking:
-        reasoning = message.get("reasoning_content") or ""
-        return [("<|im_start|>assistant\n", False), (f"<think>\n{reasoning}\n</think>\n\n{body}<|im_end|>", True),
-                ("\n", False)]
-    return [("<|im_start|>assistant\n<think></think>\n\n", False), (f"{body}<|im_end|>", True), ("\n", False)]
+    for n, call in enumerate(calls):
+        body += ("\n" if body or n else "") + _tool_call(call, index)
+    if not thinking and think:  # the empty think block is what the generation prompt wrote
+        return [("<|im_start|>assistant\n" + think, False), (f"{body}<|im_end|>", True), ("\n", False)]
+    return [("<|im_start|>assistant\n", False), (f"{think}{body}<|im_end|>", True), ("\n", False)]
 
 
 def text(segments: list[Segment]) -> str:

@@ -13,8 +13,10 @@ from scimoe.config import ConfigError
 
 EOS = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS, "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|ts_pad|>", "<think>", "</think>",
-                  "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
-"""Reserved first ids: end of text, chat turns, modality placeholders, reasoning and tool markers."""
+                  "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<|vision_start|>",
+                  "<|vision_end|>", "<|ts|>", "<|/ts|>", "<TS_CONTEXT>"]
+"""Reserved first ids: end of text, chat turns, modality placeholders, reasoning and tool markers, and the
+released chat format's image and time-series brackets (scimoe/data/chat.py)."""
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -28,9 +30,65 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(path: str, vocab_size: int) -> Tokenizer:
-    """Load a `tokenizers` JSON file and check it fits the model's vocabulary."""
-    tok = Tokenizer.from_file(path)
+class HFTokenizer:
+    """A Hugging Face tokenizer folder (through transformers) behind the few `tokenizers` calls scimoe makes."""
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+        self._vocab = tok.get_vocab()
+
+    def encode(self, text: str):
+        return Encoded(self.tok.encode(text, add_special_tokens=False))
+
+    def encode_batch(self, texts: list[str]) -> list:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._vocab.get(token)
+
+    def get_vocab_size(self) -> int:
+        return len(self.tok)
+
+
+class Encoded:
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+
+def load_hf_tokenizer(folder: str, trust_remote_code: bool = False) -> HFTokenizer:
+    """`data.tokenizer=hf:FOLDER`: the folder's tokenizer through transformers. Code shipped in the folder (its
+    tokenizer_config.json's auto_map) runs only with data.trust_remote_code=true."""
+    import json
+
+    config = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(config):
+        raise ConfigError(f"config error at 'data.tokenizer': {config} is missing: not a Hugging Face tokenizer folder")
+    with open(config) as f:
+        settings = json.load(f)
+    remote = (settings.get("auto_map") or {}).get("AutoTokenizer")
+    if remote and not trust_remote_code:
+        module = next(r for r in (remote if isinstance(remote, list) else [remote]) if r).split(".")[0]
+        raise ConfigError(f"config error at 'data.trust_remote_code': {folder} ships its own tokenizer code "
+                          f"({module}.py); set data.trust_remote_code=true to run it")
+    files = set(os.listdir(folder))
+    if "tokenizer.json" not in files and not ({"vocab.json", "merges.txt"} <= files) and "tokenizer.model" not in files:
+        raise ConfigError(f"config error at 'data.tokenizer': {folder} has no tokenizer.json, vocab.json + merges.txt "
+                          "or tokenizer.model")
+    from transformers import AutoTokenizer
+
+    try:
+        return HFTokenizer(AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                                         local_files_only=True))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config error at 'data.tokenizer': {folder} does not load: {err}") from err
+
+
+def load_tokenizer(path: str, vocab_size: int, trust_remote_code: bool = False):
+    """A `tokenizers` JSON file, or `hf:FOLDER`, checked against the model's vocabulary."""
+    tok = load_hf_tokenizer(path[3:], trust_remote_code) if path.startswith("hf:") else Tokenizer.from_file(path)
     if tok.get_vocab_size() > vocab_size:
         raise ValueError(f"tokenizer {path} has {tok.get_vocab_size()} ids but model.vocab_size is {vocab_size}")
     if tok.token_to_id(EOS) is None:
@@ -44,7 +102,7 @@ def tokenizer_for_run(cfg, run_dir: str, texts: Callable[[], Iterable[str]]) -> 
     model.vocab_size whichever it is."""
     path = run_tokenizer_path(cfg, run_dir)
     if path:
-        return load_tokenizer(path, cfg.model.vocab_size)
+        return load_tokenizer(path, cfg.model.vocab_size, cfg.data.trust_remote_code)
     tok = train_bpe(texts(), cfg.model.vocab_size)
     if tok.get_vocab_size() > cfg.model.vocab_size:
         raise ConfigError(f"config error at 'model.vocab_size': {cfg.model.vocab_size} is too small for a byte-level "

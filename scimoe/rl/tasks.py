@@ -31,9 +31,11 @@ class CharTokenizer:
         return "".join(self.chars[i] if i < len(self.chars) else "" for i in ids)
 
 
-class HFTokenizer:
-    def __init__(self, path: str, vocab_size: int) -> None:
-        self.tok = load_tokenizer(path, vocab_size)
+class TextTokenizer:
+    """The run's text tokenizer (a `tokenizers` file or `hf:` folder) as the tasks use it."""
+
+    def __init__(self, path: str, vocab_size: int, trust_remote_code: bool = False) -> None:
+        self.tok = load_tokenizer(path, vocab_size, trust_remote_code)
         self.eos_id = self.tok.token_to_id("<|im_end|>")  # an assistant turn ends the completion
 
     def encode(self, text: str) -> list[int]:
@@ -132,10 +134,10 @@ def addition_task(max_operand: int) -> Task:
 
 
 def jsonl_task(path: str, tokenizer_path: str, vocab_size: int, thinking: bool, max_bad_fraction: float,
-               streaming: bool = False, max_prompt_tokens: int | None = None) -> Task:
+               streaming: bool = False, max_prompt_tokens: int | None = None, trust_remote_code: bool = False) -> Task:
     """Prompt records of `path` (scimoe/data/records.py: a bad one, or a prompt longer than `max_prompt_tokens`,
     is skipped and reported by line)."""
-    tok = HFTokenizer(tokenizer_path, vocab_size)
+    tok = TextTokenizer(tokenizer_path, vocab_size, trust_remote_code)
 
     def parse(record) -> tuple[list[int], str]:
         messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
@@ -162,7 +164,8 @@ def build_task(cfg) -> Task:
     if not cfg.data.path or not cfg.data.tokenizer:
         raise ConfigError("config error at 'grpo.task': jsonl needs data.path (prompts) and data.tokenizer")
     return jsonl_task(cfg.data.path, cfg.data.tokenizer, cfg.model.vocab_size, cfg.sft.thinking,
-                      cfg.data.max_bad_fraction, cfg.data.streaming, cfg.model.max_positions - cfg.grpo.max_new_tokens)
+                      cfg.data.max_bad_fraction, cfg.data.streaming, cfg.model.max_positions - cfg.grpo.max_new_tokens,
+                      cfg.data.trust_remote_code)
 
 
 __all__ = ["Task", "build_task", "CharTokenizer", "EOS"]

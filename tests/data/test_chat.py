@@ -20,7 +20,7 @@ TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type":
 def test_thinking_on_golden():
     assert chat.text(chat.render([SYSTEM, QUESTION, ANSWER])) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\nTwo and two.\n</think>\n\n4<|im_end|>\n")
+        "<|im_start|>assistant\n<think>Two and two.</think>\n\n4<|im_end|>\n")
 
 
 def test_thinking_off_golden_and_generation_prompt():
@@ -28,7 +28,7 @@ def test_thinking_off_golden_and_generation_prompt():
         "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think></think>\n\n4<|im_end|>\n")
     assert chat.text(chat.render([QUESTION], thinking=False, add_generation_prompt=True)) == (
         "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think></think>\n\n")
-    assert chat.text(chat.render([QUESTION], add_generation_prompt=True)).endswith("<|im_start|>assistant\n")
+    assert chat.text(chat.render([QUESTION], add_generation_prompt=True)).endswith("<|im_start|>assistant\n<think>")
 
 
 def test_tools_and_multi_turn_tool_use_golden():
@@ -42,11 +42,41 @@ def test_tools_and_multi_turn_tool_use_golden():
         '{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}\n'
         + chat.TOOLS_FOOTER + "<|im_end|>\n"
         "<|im_start|>user\n2+2?<|im_end|>\n"
-        "<|im_start|>assistant\n<think></think>\n\n<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 2, \"b\": 2}}\n"
+        "<|im_start|>assistant\n<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 2, \"b\": 2}}\n"
         "</tool_call><|im_end|>\n"
         "<|im_start|>user\n<tool_response>\n4\n</tool_response>\n<tool_response>\nok\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\n<think></think>\n\n4<|im_end|>\n")
     assert "You are provided with function signatures within <tools></tools> XML tags" in chat.TOOLS_HEADER
+
+
+def _released_tokenizer():
+    """The released Intern-S1-Pro vocabulary as a byte-level BPE (tests/fixtures/released, see docs/fixtures.md)."""
+    import gzip
+    import os
+
+    from tokenizers import Tokenizer
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "released", "released_bpe.json.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return Tokenizer.from_str(f.read())
+
+
+def test_our_renderer_gives_the_released_templates_token_ids():
+    """Eight conversations rendered by the released chat_template.jinja and tokenized by the released tokenizer
+    (transformers 4.57.1, trust_remote_code; tests/fixtures/released/released_chat.json): thinking on and off,
+    tools with calls (object and string arguments) and responses, earlier turns' reasoning dropped, an earlier
+    tool call with no think block, images and a series, generation prompts both ways."""
+    import os
+
+    cases = json.load(open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "released",
+                                        "released_chat.json")))
+    tok = _released_tokenizer()
+    assert len(cases) == 8
+    for name, case in cases.items():
+        segments = chat.render(case["messages"], case.get("tools"), case.get("enable_thinking", True),
+                               case.get("add_generation_prompt", False))
+        assert chat.text(segments) == case["released_text"], name
+        assert chat.tokenize(segments, tok)[0] == case["released_ids"], name
 
 
 def test_the_loss_mask_covers_exactly_the_assistant_spans_token_by_token():
@@ -64,8 +94,8 @@ def test_the_loss_mask_covers_exactly_the_assistant_spans_token_by_token():
         elif current:
             spans.append(tok.decode(current, skip_special_tokens=False))
             current = []
-    assert spans == ['<think>\nUse the tool.\n</think>\n\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}'
-                     '\n</tool_call><|im_end|>', "<think>\nTwo and two.\n</think>\n\n4<|im_end|>"]
+    assert spans == ['<think>Use the tool.</think>\n\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}'
+                     '\n</tool_call><|im_end|>', "<think>Two and two.</think>\n\n4<|im_end|>"]
     # Labels: the token before each trained token predicts it; nothing else carries a label.
     report = PackReport()
     rows = pack([Document(ids, trained)], 512, 0, "truncate", report)
@@ -101,4 +131,4 @@ def test_bad_records_are_skipped_with_file_and_line(tmp_path):
     with pytest.raises(chat.ChatFormatError, match=r"messages\[0\].content: unknown item type 'audio'"):
         chat.render([{"role": "user", "content": [{"type": "audio"}]}])
     assert chat.text(chat.render([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}])) \
-        == "<|im_start|>user\n<|image_pad|>?<|im_end|>\n"
+        == "<|im_start|>user\nPicture 1: <|vision_start|><|image_pad|><|vision_end|>?<|im_end|>\n"

@@ -432,11 +432,17 @@ class SFTConfig:
     """Render assistant turns with their <think> block (a record's own `thinking` key wins)."""
     truncation: str = "truncate"
     """A conversation longer than train.seq_len: `truncate` (keep its start) or `drop`; both counted."""
+    chat_template: str = "scimoe"
+    """Who renders conversations: `scimoe` (scimoe/data/chat.py: the released format, tested token for token against
+    the released template) or `folder` (the chat template of a `data.tokenizer=hf:FOLDER`, through transformers;
+    assistant turns are found by their ChatML markers for the loss mask)."""
     max_bad_fraction: float = 0.01
     """Stop when more than this share of the chat records cannot be read or rendered."""
 
     def __post_init__(self) -> None:
         _require(self.truncation in ("truncate", "drop"), "sft.truncation", f"must be truncate or drop, got '{self.truncation}'")
+        _require(self.chat_template in ("scimoe", "folder"), "sft.chat_template",
+                 f"must be scimoe or folder, got '{self.chat_template}'")
         _require(0 <= self.max_bad_fraction <= 1, "sft.max_bad_fraction", "must be within [0, 1]")
 
 

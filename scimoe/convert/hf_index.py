@@ -22,6 +22,8 @@ from scimoe.convert import hf
 from scimoe.train.shards import Placement
 
 _TRAINING_ONLY = ("mlp.router.selection_bias", "mlp.expert_output_ema")
+_COMPUTED = ("encoder_embed.pos_encoder.pe",)
+"""Fixed tables a folder may leave out: computed from their shape (the time-series tower's sinusoids)."""
 
 
 class HFFolderError(ValueError):
@@ -108,7 +110,7 @@ class HFIndex:
 
     def _check(self, cfg: ModelConfig) -> None:
         for name, shape in self.global_shapes.items():
-            if name.endswith(_TRAINING_ONLY):
+            if name.endswith(_TRAINING_ONLY) or (name.endswith(_COMPUTED) and name not in self.sources):
                 continue
             if name in self.experts:
                 self._check_experts(name, shape)
@@ -166,6 +168,11 @@ class HFIndex:
             return torch.zeros(shape)
         if name in self.experts:
             return self._read_experts(name, window)
+        if name.endswith(_COMPUTED) and name not in self.sources:
+            from scimoe.model.timeseries import _sinusoids
+
+            full = self.global_shapes[name]
+            return _sinusoids(full[0], full[2])[window]
         hf_name = self.sources[name]
         if name.startswith("rotary.") and len(self._shape(hf_name)) == len(shape) - 1:  # one shared table, 2-D
             return self._slice(hf_name, window[1:]).unsqueeze(0)

@@ -20,6 +20,7 @@ responses, the turn headers and the newline after `<|im_end|>`.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -142,6 +143,31 @@ def _assistant(message: dict[str, Any], index: int, thinking: bool, after_query:
     if not thinking and think:  # the empty think block is what the generation prompt wrote
         return [("<|im_start|>assistant\n" + think, False), (f"{body}<|im_end|>", True), ("\n", False)]
     return [("<|im_start|>assistant\n", False), (f"{think}{body}<|im_end|>", True), ("\n", False)]
+
+
+ASSISTANT_TURN = re.compile(r"(<\|im_start\|>assistant\n)(.*?<\|im_end\|>)", re.S)
+
+
+def segments_of(rendered: str) -> list[Segment]:
+    """A conversation some other renderer wrote (a folder's own chat template) as segments: each assistant turn's
+    body up to and including its `<|im_end|>` trained, everything else not."""
+    out: list[Segment] = []
+    end = 0
+    for match in ASSISTANT_TURN.finditer(rendered):
+        out.append((rendered[end:match.start(2)], False))
+        out.append((match.group(2), True))
+        end = match.end()
+    out.append((rendered[end:], False))
+    return [(t, trained) for t, trained in out if t]
+
+
+def render_with(template_tokenizer, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+                thinking: bool = True, add_generation_prompt: bool = False) -> list[Segment]:
+    """The conversation as a Hugging Face tokenizer's own chat template renders it (`sft.chat_template=folder`)."""
+    rendered = template_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      enable_thinking=thinking)
+    return segments_of(rendered)
 
 
 def text(segments: list[Segment]) -> str:

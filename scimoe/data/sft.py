@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 
+from scimoe.config import ConfigError
 from scimoe.data import chat
 from scimoe.data.packing import Document, PackedRows, PackReport, pack
 from scimoe.data.records import check_bad_share, read_records
@@ -60,8 +61,15 @@ def sft_rows(cfg, run_dir: str) -> PackedRows:
         check_bad_share(bad, len(records), cfg.sft.max_bad_fraction, "sft.max_bad_fraction", cfg.data.path)
     else:
         records = synthetic_conversations(cfg.data.synthetic_rows, cfg.train.seed)
-    segments = [chat.render(r["messages"], r.get("tools"), r.get("thinking", cfg.sft.thinking)) for r in records]
-    tok = tokenizer_for_run(cfg, run_dir, lambda: [chat.text(s) for s in segments])
+    if cfg.sft.chat_template == "folder":
+        if not (cfg.data.tokenizer or "").startswith("hf:"):
+            raise ConfigError("config error at 'sft.chat_template': folder needs data.tokenizer=hf:FOLDER")
+        tok = tokenizer_for_run(cfg, run_dir, lambda: [])
+        segments = [chat.render_with(tok.tok, r["messages"], r.get("tools"), r.get("thinking", cfg.sft.thinking))
+                    for r in records]
+    else:
+        segments = [chat.render(r["messages"], r.get("tools"), r.get("thinking", cfg.sft.thinking)) for r in records]
+        tok = tokenizer_for_run(cfg, run_dir, lambda: [chat.text(s) for s in segments])
     docs = [Document(*chat.tokenize(s, tok), where=f"{cfg.data.path or 'synthetic'}: conversation {i + 1}")
             for i, s in enumerate(segments)]
     report = PackReport()

@@ -73,3 +73,21 @@ def test_a_folder_without_its_files_is_refused_by_name(tmp_path):
         load_tokenizer(f"hf:{folder}", 384)
     with pytest.raises(ConfigError, match="is missing"):
         load_tokenizer(f"hf:{tmp_path / 'nowhere'}", 384)
+
+
+def test_sft_can_render_with_the_folders_own_chat_template(tmp_path):
+    folder, _ = _folder(tmp_path)
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = template  # a folder whose template writes no think blocks at all
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(f"hf:{folder}", 384)
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    segments = chat.render_with(tok.tok, messages)
+    assert chat.text(segments) == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+    assert [t for t, trained in segments if trained] == ["4<|im_end|>"]
+    cfg = tiny_config(steps=1)
+    cfg.recipe.name, cfg.data.source, cfg.data.synthetic_rows, cfg.data.tokenizer = "sft", "sft", 16, f"hf:{folder}"
+    cfg.sft.chat_template = "folder"
+    assert len(pretrain(cfg, str(tmp_path / "run")).records) == 1

@@ -50,11 +50,45 @@ def run(spec: dict, rank: int, world: int) -> dict:
     return out
 
 
+def run_released(spec: dict, rank: int, world: int) -> dict:
+    """The released-code fixture (tests/model/test_released_model.py) in `spec["layout"]`: its logits, gathered,
+    against the released code's."""
+    from scimoe.parallel.parallelize import parallelize
+    from scimoe.model import build_model
+    from scimoe.train import checkpoint
+    from scimoe.train.session import materialize
+    from tests.model.test_released_model import FIXTURE
+    from safetensors.torch import load_file
+
+    from scimoe.convert.hf_index import read_config
+    from types import SimpleNamespace
+
+    cfg = read_config(FIXTURE)
+    layout = spec["layout"]
+    parallel = SimpleNamespace(tp=layout.get("tp", 1), pp=1, ep=layout.get("ep", 1), etp=1, sequence_parallel=False,
+                               pp_virtual=1, pp_layers=None)
+    dims = ParallelDims.from_config(parallel, world, rank).build_groups()
+    with torch.device("meta"):
+        model = build_model(cfg)
+        parallelize(model, dims)
+    model = materialize(model, torch.device("cpu")).eval()
+    checkpoint.load_hf_weights(FIXTURE, model, cfg, dims)
+    want = load_file(os.path.join(FIXTURE, "expected.safetensors"))
+    ids = want["input_ids"]
+    with torch.no_grad():
+        out = model(ids, torch.arange(ids.shape[1]).expand_as(ids), images=[want["image"]],
+                    series=[(want["series"], float(want["rate"]))])
+        logits = model.comm.full_logits(out.logits)
+    routes = [a.indices.sort(-1).values.tolist() for a in out.moe]
+    return {"logits_max_diff": float((logits - want["logits"]).abs().max()),
+            "routes_equal": all(r == want[f"routes_{i}"].sort(-1).values.tolist() for i, r in enumerate(routes))}
+
+
 def main() -> None:
     spec = json.load(open(sys.argv[1]))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
-    results = run(spec, rank, world)
+    results = run_released(spec, rank, world) if spec.get("released") else run(spec, rank, world)
     if rank == 0:
         with open(spec["out"], "w") as f:
             json.dump(results, f)

@@ -109,6 +109,8 @@ def from_hf_name(hf_name: str, prefix: str) -> str | None:
     if EXPERT.match(rest) or rest.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
         return rest
     inverse = {v: k for k, v in _IN_LAYER.items()}
+    inverse.update({"mlp.gate.e_score_correction_bias": "mlp.router.selection_bias",  # earlier scimoe exports
+                    "mlp.gate.expert_output_ema": "mlp.expert_output_ema"})
     if (m := _LAYER.match(rest)) and m.group(2) in inverse:
         return f"layers.{m.group(1)}.{inverse[m.group(2)]}"
     return None
@@ -213,6 +215,9 @@ def model_config(config: dict) -> ModelConfig:
     if rope_type != "default":
         refuse(key("rope_scaling.rope_type"), f"scimoe computes default RoPE or FoPE only, the folder asks for "
                                               f"{rope_type!r}")
+    if "mrope_section" in scaling or scaling.get("mrope_interleaved"):
+        refuse(key("rope_scaling.mrope_section"), "scimoe's positions are one-dimensional (multimodal RoPE sections, "
+                                                  "as in Qwen3-VL, are not built)")
     if scaling.get("num_inv_freq") is not None:
         refuse(key("rope_scaling.num_inv_freq"), "scimoe keeps the frequencies above 2π/max_position_embeddings, "
                                                  "not a fixed number of them")

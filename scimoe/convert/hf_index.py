@@ -23,6 +23,8 @@ from scimoe.train.shards import Placement
 
 _TRAINING_ONLY = ("mlp.router.selection_bias", "mlp.expert_output_ema")
 _COMPUTED = ("encoder_embed.pos_encoder.pe",)
+_IGNORED = ("rotary_emb.inv_freq",)
+"""Names a folder may hold that scimoe recomputes anyway."""
 """Fixed tables a folder may leave out: computed from their shape (the time-series tower's sinusoids)."""
 
 
@@ -97,15 +99,24 @@ class HFIndex:
             raise HFFolderError(f"{folder} has no embed_tokens.weight under model.language_model. or model.")
         self.sources: dict[str, str] = {}  # scimoe name → HF name (plain tensors, fused experts)
         self.experts: set[str] = set()  # scimoe expert names assembled from per-expert tensors
+        unknown = []
         for hf_name in self.files:
             name = hf.from_hf_name(hf_name, self.prefix)
             if name is None:
+                if not hf_name.endswith(_IGNORED):
+                    unknown.append(hf_name)
                 continue
             if m := hf.EXPERT.match(name):
                 fused = f"layers.{m.group(1)}.mlp.experts." + ("down_proj" if m.group(3) == "down_proj" else "gate_up_proj")
                 self.experts.add(fused)
-            else:
+            elif name in expected:
                 self.sources[name] = hf_name
+            else:
+                unknown.append(hf_name)
+        if unknown:  # a weight scimoe would silently drop computes something scimoe does not
+            raise HFFolderError(f"{folder} holds '{unknown[0]}'{f' and {len(unknown) - 1} more weights' if len(unknown) > 1 else ''}"
+                                " that scimoe's model has no place for (another architecture, e.g. Qwen3-VL's "
+                                "deepstack mergers)")
         self._check(cfg)
 
     def _check(self, cfg: ModelConfig) -> None:

@@ -73,7 +73,7 @@ def run_released(spec: dict, rank: int, world: int) -> dict:
         parallelize(model, dims)
     model = materialize(model, torch.device("cpu")).eval()
     checkpoint.load_hf_weights(FIXTURE, model, cfg, dims)
-    want = load_file(os.path.join(FIXTURE, "expected.safetensors"))
+    want = load_file(FIXTURE + "_expected.safetensors")
     ids = want["input_ids"]
     with torch.no_grad():
         out = model(ids, torch.arange(ids.shape[1]).expand_as(ids), images=[want["image"]],

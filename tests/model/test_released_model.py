@@ -25,7 +25,7 @@ def released_model():
     cfg = read_config(FIXTURE)
     model = build_model(cfg)
     checkpoint._load_model(HFIndex(FIXTURE, cfg), model, {}, FIXTURE)
-    return cfg, model.eval(), load_file(os.path.join(FIXTURE, "expected.safetensors"))
+    return cfg, model.eval(), load_file(FIXTURE + "_expected.safetensors")
 
 
 def test_the_fixture_has_what_the_issue_asks_for():

@@ -24,14 +24,14 @@ from tests.conftest import tiny_config
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _trained(tmp_path, **model_overrides) -> tuple[str, object]:
-    cfg = tiny_config(steps=2)
+def _trained(tmp_path, steps: int = 2, **model_overrides) -> tuple[str, object]:
+    cfg = tiny_config(steps=steps)
     for key, value in model_overrides.items():
         target = cfg.model.moe if key in ("n_groups", "top_k", "bias_update_rate", "dense_layers", "dense_ffn_hidden") else cfg.model
         setattr(target, key, value)
     cfg.model.zero_init_output = False  # non-trivial logits from the start
     pretrain(cfg, str(tmp_path / "run"))
-    return checkpoint.step_dir(str(tmp_path / "run"), 2), cfg
+    return checkpoint.step_dir(str(tmp_path / "run"), steps), cfg
 
 
 def _state(path: str) -> dict[str, torch.Tensor]:
@@ -97,7 +97,8 @@ def test_all_three_towers_go_out_and_come_back_under_the_released_names(tmp_path
 
 
 def test_a_selection_bias_the_released_code_would_ignore_is_refused(tmp_path):
-    path, _ = _trained(tmp_path, bias_update_rate=1e-2)
+    path, _ = _trained(tmp_path, steps=1, bias_update_rate=1e-2)  # one step: loads are uneven, so the bias moved
+    assert any(t.any() for n, t in _state(path).items() if n.endswith("selection_bias"))
     with pytest.raises(ValueError, match=r"model\.moe\.bias_update_rate.*routes without it"):
         cli.export(path, str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.tmp").exists()  # a failed export leaves nothing
@@ -131,7 +132,8 @@ def test_transformers_5_files_import_fused_experts_and_num_local_experts(tmp_pat
 @pytest.mark.parametrize("change, key", [
     ({"hidden_act": "gelu"}, "hidden_act"), ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type"),
     ({"tie_word_embeddings": True}, "tie_word_embeddings"), ({"attention_bias": True}, "attention_bias"),
-    ({"decoder_sparse_step": 2}, "decoder_sparse_step")])
+    ({"decoder_sparse_step": 2}, "decoder_sparse_step"),
+    ({"rope_scaling": {"rope_type": "default", "mrope_section": [24, 20, 20]}}, "rope_scaling.mrope_section")])
 def test_what_scimoe_cannot_compute_is_refused_naming_the_field(change, key):
     config = hf.hf_config(tiny_config().model, "intern_s1_pro")
     config["text_config"].update(change)
@@ -222,6 +224,14 @@ def test_bad_folders_are_refused_by_name_and_leave_nothing(tmp_path):
     config["text_config"]["moe_intermediate_size"] *= 2
     (folder / "config.json").write_text(json.dumps(config))
     cases["wrong_shape"] = "has shape .* config.json implies"
+    folder, files = broken("foreign_weight")
+    weights = load_file(str(folder / files[0]))
+    weights["model.visual.deepstack_merger_list.0.norm.weight"] = torch.ones(4)
+    save_file(weights, str(folder / files[0]))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.visual.deepstack_merger_list.0.norm.weight"] = files[0]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    cases["foreign_weight"] = "holds 'model.visual.deepstack_merger_list.0.norm.weight'.*no place for"
     for name, message in cases.items():
         with pytest.raises(ValueError, match=message):
             cli.import_hf(str(tmp_path / name), str(tmp_path / f"out_{name}"))

@@ -9,9 +9,11 @@ Tested by `python -m pytest tests/data/test_multimodal.py`. A record is `{"segme
 An image becomes `image_token_count` `<|image_pad|>` tokens at its native size (multiples of 32 pixels),
 a series `ts_token_count` `<|ts_pad|>` tokens. A record that fails (not JSON, no segments, unreadable or
 empty image, NaN/Inf, wrong dimensions, empty text, sampling rate ≤ 0, too long for a row) is skipped and
-reported as `file:line: why`; more than `data.max_bad_fraction` of them stops the run. Documents are packed
-whole (never split, so an image's tokens stay in one row), positions restart per document, labels are the
-next token with −100 where that token is a placeholder, across documents and on padding.
+reported as `file:line: why`; more than `data.max_bad_fraction` of them stops the run. A document longer than
+what is left of a row is split between its items (never inside an image's or a series' tokens; the rest
+continues in the next row as a new segment), an item longer than a whole row is skipped and counted
+(scimoe/data/packing.py); positions restart per segment, labels are the next token with −100 where that
+token is a placeholder, across documents and on padding.
 """
 from __future__ import annotations
 
@@ -164,9 +166,10 @@ def read_samples(path: str, bad: list[str], streaming: bool = False, model=None)
     return read_records(path, lambda record: parse_record(record, base, model), bad, streaming)
 
 
-def tokenize_sample(sample: Sample, tok, image_id: int, ts_id: int, tokens: dict[str, int]) -> list[int]:
+def tokenize_sample(sample: Sample, tok, image_id: int, ts_id: int, tokens: dict[str, int],
+                    media: list | None = None) -> list[int]:
     """Text tokens, and per image / series as many placeholder ids as the encoder will produce vectors;
-    `tokens` counts them by modality."""
+    `tokens` counts them by modality, `media` receives each item's (start, end, kind) token span."""
     ids: list[int] = []
     for kind, payload in sample.parts:
         if kind == "text":
@@ -177,6 +180,8 @@ def tokenize_sample(sample: Sample, tok, image_id: int, ts_id: int, tokens: dict
             values, rate = payload
             piece = [ts_id] * ts_token_count(values.shape[0], rate)
         tokens[kind] += len(piece)
+        if kind != "text" and media is not None:
+            media.append((len(ids), len(ids) + len(piece), kind))
         ids.extend(piece)
     return ids
 
@@ -195,13 +200,14 @@ def multimodal_rows(cfg, run_dir: str) -> PackedRows:
     tokens = {"text": 0, "image": 0, "time_series": 0}
     docs = []
     for i, sample in enumerate(samples):
-        ids = tokenize_sample(sample, tok, m.image_token_id, m.ts_token_id, tokens) + [eos]
+        media: list = []
+        ids = tokenize_sample(sample, tok, m.image_token_id, m.ts_token_id, tokens, media) + [eos]
         docs.append(Document(ids, [t not in placeholders for t in ids], sample.images, sample.series,
-                             where=f"{cfg.data.path}: document {i + 1}"))
+                             where=f"{cfg.data.path}: document {i + 1}", media=media))
     report = PackReport()
-    rows = pack(docs, cfg.train.seq_len, eos, "drop", report)  # whole documents: media never straddle rows
-    for line in report.dropped[:20]:
+    rows = pack(docs, cfg.train.seq_len, eos, "split", report)  # split between items, never inside one
+    for line in report.skipped_items[:20]:
         log.warning("skipped %s", line)
-    log.info("multimodal data: %d documents in %d rows; tokens %s; %d bad records, %d too long", report.documents,
-             len(rows), tokens, len(bad), len(report.dropped))
+    log.info("multimodal data: %d documents in %d rows; tokens %s; %d bad records, %d items longer than a row",
+             report.documents, len(rows), tokens, len(bad), len(report.skipped_items))
     return rows

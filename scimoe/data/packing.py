@@ -6,8 +6,13 @@ A label is the next token of the same document where that token is trained (`Doc
 of plain text, assistant tokens of a chat, no modality placeholder), −100 elsewhere, on a document's last
 token and on padding, so no loss and no attention ever crosses a document boundary. A document longer than
 what is left of the row is handled as `overflow` says: `split` fills the row and continues in the next one
-as a new segment (positions from 0; plain text), `whole` starts a new row and, when the document is longer
-than a whole row, `truncate`s it to its start or `drop`s it (counted either way).
+as a new segment (positions from 0), `whole` starts a new row and, when the document is longer than a whole
+row, `truncate`s it to its start or `drop`s it (counted either way).
+
+Splitting never cuts inside an image or a series (`Document.media`): a segment ends before the item that does
+not fit, and the row is closed early if not even that item fits in what is left; each row carries the images
+and series whose placeholders it holds. An item longer than a whole row cannot be placed anywhere: it is
+taken out of its document (placeholders and pixels or samples) and counted in `PackReport.skipped_items`.
 """
 from __future__ import annotations
 
@@ -31,6 +36,46 @@ class Document:
     """(values [L, C], sampling rate) pairs, in order of their placeholders."""
     where: str = ""
     """Where it came from, for reports (`file: document 7`)."""
+    media: list[tuple[int, int, str]] = field(default_factory=list)
+    """(start, end, kind) of each image's or series' placeholder tokens, in order; kind is "image" or
+    "time_series". Splitting keeps each span whole."""
+
+    def without_items_longer_than(self, limit: int, skipped: list[str]) -> "Document":
+        """This document less the media items of more than `limit` tokens (each named in `skipped`)."""
+        long = [i for i, (a, b, _) in enumerate(self.media) if b - a > limit]
+        if not long:
+            return self
+        tokens, trained = list(self.tokens), list(self.trained or [True] * len(self.tokens))
+        images, series, media, shift = [], [], [], 0
+        counters = {"image": iter(self.images), "time_series": iter(self.series)}
+        for i, (a, b, kind) in enumerate(self.media):
+            payload = next(counters[kind])
+            if i in long:
+                skipped.append(f"{self.where}: {kind.replace('_', ' ')} {i + 1} of the document has {b - a} "
+                               f"tokens, more than train.seq_len ({limit})")
+                del tokens[a - shift:b - shift], trained[a - shift:b - shift]
+                shift += b - a
+                continue
+            (images if kind == "image" else series).append(payload)
+            media.append((a - shift, b - shift, kind))
+        return Document(tokens, trained, images, series, self.where, media)
+
+    def cut_at_or_before(self, end: int) -> int:
+        """The last place ≤ `end` where the document may be cut: not inside a media span."""
+        for a, b, _ in self.media:
+            if a < end < b:
+                return a
+        return end
+
+    def media_between(self, start: int, end: int) -> tuple[list, list]:
+        """(images, series) whose placeholders lie in tokens [start, end)."""
+        counters = {"image": iter(self.images), "time_series": iter(self.series)}
+        found: dict[str, list] = {"image": [], "time_series": []}
+        for a, b, kind in self.media:
+            payload = next(counters[kind])
+            if start <= a and b <= end:
+                found[kind].append(payload)
+        return found["image"], found["time_series"]
 
 
 @dataclass
@@ -39,6 +84,8 @@ class PackReport:
     truncated: int = 0
     dropped: list[str] = field(default_factory=list)
     """`where: why` of each dropped document."""
+    skipped_items: list[str] = field(default_factory=list)
+    """`where: why` of each image or series taken out of its document because no row can hold it."""
     tokens: int = 0
     trained_tokens: int = 0
 
@@ -93,15 +140,28 @@ def pack(docs: list[Document], seq_len: int, pad_id: int, overflow: str = "split
         report.trained_tokens += sum(trained[1:])
 
     for doc in docs:
+        if overflow == "truncate" and doc.media:
+            raise ValueError(f"{doc.where}: a document with images or series cannot be truncated; use split or drop")
+        if overflow == "split":
+            if len(doc.media) != len(doc.images) + len(doc.series):
+                raise ValueError(f"{doc.where}: splitting needs the token span of each image and series (Document.media)")
+            doc = doc.without_items_longer_than(seq_len, report.skipped_items)
         tokens, trained = doc.tokens, doc.trained or [True] * len(doc.tokens)
         if not tokens:
             continue
         if overflow == "split":
             start = 0
             while start < len(tokens):
-                room = seq_len - len(ids)
-                add(tokens[start:start + room], trained[start:start + room])
-                start += room
+                end = min(len(tokens), start + seq_len - len(ids))
+                end = doc.cut_at_or_before(end) if end < len(tokens) else end
+                if end == start:  # the next image or series does not fit in what is left of this row
+                    assert ids, "an item longer than a row was not taken out"
+                    close_row()
+                    continue
+                add(tokens[start:end], trained[start:end])
+                more_images, more_series = doc.media_between(start, end)
+                images, series = images + more_images, series + more_series
+                start = end
                 if len(ids) == seq_len:
                     close_row()
         else:
@@ -114,7 +174,7 @@ def pack(docs: list[Document], seq_len: int, pad_id: int, overflow: str = "split
             if len(ids) + len(tokens) > seq_len:
                 close_row()
             add(tokens, trained)
-        images, series = images + doc.images, series + doc.series
+            images, series = images + doc.images, series + doc.series
         report.documents += 1
     if ids:
         close_row()

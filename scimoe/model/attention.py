@@ -1,8 +1,17 @@
-"""Grouped-query attention with per-head q/k RMSNorm and a packed-document causal mask.
+"""Grouped-query attention with per-head q/k RMSNorm over packed documents, without a dense mask.
 
-Tested by `python -m pytest tests/model/test_attention.py`.
+Tested by `python -m pytest tests/model/test_attention.py`; measured by `python benchmarks/attention_memory.py`.
+
+Packed documents are passed as their boundaries (`Documents`: cumulative lengths over the flattened batch, as
+the variable-length kernels take them), never as a [T, T] mask: at 32k tokens such a mask is 1 GiB a row and
+keeps SDPA off its fused kernels. Each document then runs plain causal attention: on CUDA in half precision
+through PyTorch's variable-length flash kernel (`torch.nn.attention.varlen.varlen_attn`, one call for the whole
+batch), elsewhere document by document through SDPA's causal path, whose CPU flash kernel and CUDA
+memory-efficient kernel keep memory linear in the document length.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,12 +21,35 @@ from scimoe.model.norm import RMSNorm
 from scimoe.model.rotary import apply_rotary
 
 
-def document_causal_mask(positions: torch.Tensor) -> torch.Tensor | None:
-    """[B, 1, T, T] bool mask: causal, and a token sees only its own packed document.
+@dataclass(frozen=True)
+class Documents:
+    """Where the packed documents of a [B, T] batch lie once flattened to B·T tokens.
 
-    A position of 0 starts a new document, so packed rows never attend across documents. Rows with
-    one document each need no mask (None): attention then takes its faster plain-causal kernel.
-    """
+    Document i covers flat tokens `bounds[i]:bounds[i + 1]`; a row boundary always ends a document. `cu` is the
+    same as an int32 tensor on the batch's device (the variable-length kernels' `cu_seqlens`)."""
+
+    bounds: tuple[int, ...]
+    cu: torch.Tensor
+    longest: int
+
+    @staticmethod
+    def from_positions(positions: torch.Tensor) -> "Documents | None":
+        """The documents of `positions` [B, T], where a position of 0 starts a new one; None when every row is
+        one document (attention then takes the plain causal kernel over whole rows)."""
+        if not bool((positions[:, 1:] == 0).any()):
+            return None
+        starts = positions == 0
+        starts[:, 0] = True
+        flat = torch.nonzero(starts.reshape(-1)).flatten()
+        bounds = torch.cat((flat, flat.new_tensor([positions.numel()])))
+        host = tuple(bounds.tolist())
+        longest = max(b - a for a, b in zip(host, host[1:]))
+        return Documents(host, bounds.to(torch.int32), longest)
+
+
+def document_causal_mask(positions: torch.Tensor) -> torch.Tensor | None:
+    """The dense [B, 1, T, T] mask of the same rule (causal, within a document): the reference that tests and
+    `benchmarks/attention_memory.py` compare against. The model never builds it."""
     if not bool((positions[:, 1:] == 0).any()):
         return None
     doc = torch.cumsum((positions == 0).int(), dim=-1)
@@ -25,6 +57,34 @@ def document_causal_mask(positions: torch.Tensor) -> torch.Tensor | None:
     t = positions.shape[-1]
     causal = torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
     return (same_doc & causal).unsqueeze(1)
+
+
+def _varlen_kernel(q: torch.Tensor):
+    """PyTorch's variable-length flash attention where it runs (CUDA, half precision), else None."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents,
+                     gqa: bool) -> torch.Tensor:
+    """Causal attention within each document; q, k, v are [B, T, H, D] and the result is q's shape."""
+    b, t, h, d = q.shape
+    q, k, v = q.reshape(b * t, h, d), k.reshape(b * t, -1, d), v.reshape(b * t, -1, d)
+    kernel = _varlen_kernel(q)
+    if kernel is not None:
+        out = kernel(q, k, v, docs.cu, docs.cu, docs.longest, docs.longest, window_size=(-1, 0), enable_gqa=gqa)
+    else:
+        pieces = []
+        for start, end in zip(docs.bounds, docs.bounds[1:]):
+            span = [x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v)]
+            pieces.append(F.scaled_dot_product_attention(*span, is_causal=True, enable_gqa=gqa)[0].transpose(0, 1))
+        out = torch.cat(pieces)
+    return out.reshape(b, t, h, d)
 
 
 class Attention(nn.Module):
@@ -41,20 +101,25 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor:
-        """`cache` (generation): a dict holding this layer's rotated keys and values so far, extended in
-        place by every call (the prompt, then one or more tokens per sequence)."""
+                docs: Documents | None, cache: dict | None = None) -> torch.Tensor:
+        """`docs`: the packed documents of the batch (None: one per row). `cache` (generation): a dict holding
+        this layer's rotated keys and values so far, extended in place by every call (the prompt, then one or
+        more tokens per sequence)."""
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim))
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).to(q.dtype)
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        causal = mask is None
+        gqa = self.heads != self.kv_heads
+        if docs is not None:
+            if cache is not None:
+                raise ValueError("a KV cache extends whole sequences, not packed documents")
+            out = packed_attention(q, k, v, docs, gqa)
+            return self.o_proj(out.reshape(b, t, self.heads * self.head_dim))
+        causal, mask = True, None
         if cache is not None:
             if "k" in cache:
-                if mask is not None:
-                    raise ValueError("a KV cache extends whole sequences, without a document mask")
                 past = cache["k"].shape[1]
                 k, v = torch.cat((cache["k"], k), dim=1), torch.cat((cache["v"], v), dim=1)
                 causal = False
@@ -62,6 +127,6 @@ class Attention(nn.Module):
                     mask = torch.arange(past + t, device=x.device)[None] <= past + torch.arange(t, device=x.device)[:, None]
             cache["k"], cache["v"] = k, v
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).to(q.dtype), attn_mask=mask,
-            is_causal=causal, enable_gqa=self.heads != self.kv_heads)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal,
+            enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))

@@ -13,7 +13,7 @@ from torch import nn
 
 from scimoe.config import ModelConfig
 from scimoe.model.communication import LocalText, MoECommunication, TextCommunication
-from scimoe.model.attention import Attention, document_causal_mask
+from scimoe.model.attention import Attention, Documents
 from scimoe.model.moe.experts import GroupedExperts, SwiGLU
 from scimoe.model.moe.layer import MoEAux, MoELayer
 from scimoe.model.norm import RMSNorm
@@ -53,9 +53,9 @@ class DecoderLayer(nn.Module):
         """With sequence parallelism the residual stream, norms and MLP hold s/tp positions; attention
         gathers them all (see MoETransformer.use_communication)."""
 
-    def forward(self, x, rotary, mask, replay=None, cache=None) -> tuple[torch.Tensor, MoEAux | None]:
+    def forward(self, x, rotary, docs, replay=None, cache=None) -> tuple[torch.Tensor, MoEAux | None]:
         h = self.comm.gather_sequence(self.input_layernorm(x))
-        x = x + self.comm.split_sequence(self.self_attn(h, rotary, mask, cache))
+        x = x + self.comm.split_sequence(self.self_attn(h, rotary, docs, cache))
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoELayer):
             y, aux = self.mlp(h, replay)
@@ -194,11 +194,11 @@ class MoETransformer(nn.Module):
         the scale) flows in the backward of the activations; pipeline stages need this because only the
         last stage owns the loss."""
         rotary = self.rotary(positions)
-        mask = document_causal_mask(positions)
+        docs = Documents.from_positions(positions)
         auxes: list[MoEAux] = []
         for i in layer_ids:
             moe_index = i - min(i, self.cfg.moe.dense_layers)
-            x, aux = self.layers[i](x, rotary, mask, replay[moe_index] if replay is not None else None,
+            x, aux = self.layers[i](x, rotary, docs, replay[moe_index] if replay is not None else None,
                                     kv_cache[i] if kv_cache is not None else None)
             if aux is not None:
                 auxes.append(aux)

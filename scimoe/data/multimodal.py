@@ -189,7 +189,8 @@ def tokenize_sample(sample: Sample, tok, image_id: int, ts_id: int, tokens: dict
 def multimodal_rows(cfg, run_dir: str) -> PackedRows:
     """The `multimodal` data source: `data.path` (.jsonl or .parquet records)."""
     if not cfg.data.path:
-        raise ConfigError("config error at 'data.path': the multimodal source needs a .jsonl or .parquet file")
+        raise ConfigError("config error at 'data.path': the multimodal source needs a .jsonl or .parquet file "
+                          "(data=demo_mm trains on the bundled demo set instead)")
     bad: list[str] = []
     samples = read_samples(cfg.data.path, bad, cfg.data.streaming, cfg.model)
     check_bad_share(bad, len(samples), cfg.data.max_bad_fraction, "data.max_bad_fraction", cfg.data.path)

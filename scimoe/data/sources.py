@@ -11,7 +11,7 @@ from scimoe.registry import resolve_target
 
 SOURCES = {"text": "scimoe.data.text.text_rows", "synthetic": "scimoe.data.synthetic.synthetic_rows",
            "sft": "scimoe.data.sft.sft_rows", "multimodal": "scimoe.data.multimodal.multimodal_rows",
-           "indexed": "scimoe.data.indexed.indexed_rows"}
+           "indexed": "scimoe.data.indexed.indexed_rows", "multimodal_demo": "scimoe.data.demo.demo_rows"}
 
 
 def data_source(cfg) -> Callable[..., PackedRows]:

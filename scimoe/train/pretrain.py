@@ -37,9 +37,11 @@ class PretrainResult:
 
 
 def modality_tokens(batches: list[dict], model_cfg, dims: ParallelDims) -> dict[str, int]:
-    """Input tokens of the step by modality, summed over data-parallel ranks (padding counts as text)."""
+    """Input tokens of the step by modality, summed over data-parallel ranks (padding counts as text; so does a
+    placeholder id when its encoder is off, since the model then reads it as a word)."""
     ids = torch.cat([mb["input_ids"].flatten() for mb in batches])
-    image, ts = int((ids == model_cfg.image_token_id).sum()), int((ids == model_cfg.ts_token_id).sum())
+    image = int((ids == model_cfg.image_token_id).sum()) if model_cfg.vision.enabled else 0
+    ts = int((ids == model_cfg.ts_token_id).sum()) if model_cfg.timeseries.enabled else 0
     counts = dims.reduce_sum(torch.tensor([ids.numel() - image - ts, image, ts]))
     return dict(zip(("text", "image", "time_series"), (int(c) for c in counts)))
 

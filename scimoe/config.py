@@ -276,6 +276,12 @@ class TrainConfig:
     """Save and exit after this many steps in this process (Megatron's exit-interval, for job chains); 0 = off."""
     max_skipped_in_a_row: int = 10
     """Stop when this many consecutive steps had a non-finite loss or grad norm."""
+    recompute: str = "none"
+    """Activation recomputation: `none`, `selective` (the attention core and the experts' SwiGLU intermediates
+    are computed again in the backward) or `full` (whole decoder layers); gradients are bitwise the same
+    (scimoe/model/recompute.py)."""
+    recompute_layers: Optional[list[int]] = None
+    """Decoder layers (0-based, over the whole model) that `recompute` applies to; None = all."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, "train.steps", "must be >= 0")
@@ -297,6 +303,8 @@ class TrainConfig:
             _require(0 <= getattr(self, key) < 1, f"train.{key}", f"must be in [0, 1), got {getattr(self, key)}")
         _require(self.eps > 0, "train.eps", "must be > 0")
         _require(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _require(self.recompute in ("none", "selective", "full"), "train.recompute",
+                 f"must be none, selective or full, got '{self.recompute}'")
 
 
 @dataclass
@@ -598,6 +606,11 @@ class Config:
     def __post_init__(self) -> None:
         _require(self.train.seq_len <= self.model.max_positions, "train.seq_len",
                  f"exceeds model.max_positions ({self.model.max_positions})")
+        missing = [i for i in self.train.recompute_layers or [] if not 0 <= i < self.model.layers]
+        _require(not missing, "train.recompute_layers",
+                 f"names layers {missing} that do not exist (model.layers = {self.model.layers}: 0 … {self.model.layers - 1})")
+        _require(self.train.recompute != "none" or not self.train.recompute_layers, "train.recompute_layers",
+                 "is set but train.recompute is none")
 
 
 def register_configs() -> None:

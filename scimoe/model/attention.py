@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scimoe.model.norm import RMSNorm
+from scimoe.model.recompute import recomputed
 from scimoe.model.rotary import apply_rotary
 
 
@@ -87,6 +88,10 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Do
     return out.reshape(b, t, h, d)
 
 
+def _core(q, k, v, mask, causal: bool, gqa: bool) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     """GQA self-attention: q/k/v/o projections without bias, RMSNorm on each q and k head."""
 
@@ -99,6 +104,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
+        self.recompute_core = False
+        """Free the attention core's intermediates (softmax statistics, probabilities on the math kernel) after
+        the forward and compute them again in the backward."""
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                 docs: Documents | None, cache: dict | None = None) -> torch.Tensor:
@@ -115,7 +123,8 @@ class Attention(nn.Module):
         if docs is not None:
             if cache is not None:
                 raise ValueError("a KV cache extends whole sequences, not packed documents")
-            out = packed_attention(q, k, v, docs, gqa)
+            out = recomputed(packed_attention, q, k, v, docs, gqa) if self.recompute_core else \
+                packed_attention(q, k, v, docs, gqa)
             return self.o_proj(out.reshape(b, t, self.heads * self.head_dim))
         causal, mask = True, None
         if cache is not None:
@@ -126,7 +135,6 @@ class Attention(nn.Module):
                 if t > 1:  # several new tokens (a tool's response): each sees the past and the new ones before it
                     mask = torch.arange(past + t, device=x.device)[None] <= past + torch.arange(t, device=x.device)[:, None]
             cache["k"], cache["v"] = k, v
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal,
-            enable_gqa=gqa)
+        args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, causal, gqa)
+        out = recomputed(_core, *args) if self.recompute_core and cache is None else _core(*args)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))

@@ -14,6 +14,7 @@ from torch import nn
 from scimoe.config import ModelConfig
 from scimoe.model.communication import LocalText, MoECommunication, TextCommunication
 from scimoe.model.attention import Attention, Documents
+from scimoe.model.recompute import MODES, recomputed
 from scimoe.model.moe.experts import GroupedExperts, SwiGLU
 from scimoe.model.moe.layer import MoEAux, MoELayer
 from scimoe.model.norm import RMSNorm
@@ -52,8 +53,22 @@ class DecoderLayer(nn.Module):
         self.comm: TextCommunication = LocalText()
         """With sequence parallelism the residual stream, norms and MLP hold s/tp positions; attention
         gathers them all (see MoETransformer.use_communication)."""
+        self.recompute = "none"
+        """`full`: keep only the layer's input for the backward and run the layer again there; `selective`: the
+        attention core and the experts' SwiGLU only (scimoe/model/recompute.py)."""
+
+    def set_recompute(self, mode: str) -> None:
+        self.recompute = mode
+        self.self_attn.recompute_core = mode == "selective"
+        if isinstance(self.mlp, MoELayer):
+            self.mlp.experts.recompute = mode == "selective"
 
     def forward(self, x, rotary, docs, replay=None, cache=None) -> tuple[torch.Tensor, MoEAux | None]:
+        if self.recompute == "full" and cache is None:
+            return recomputed(self._forward, x, rotary, docs, replay, None)
+        return self._forward(x, rotary, docs, replay, cache)
+
+    def _forward(self, x, rotary, docs, replay, cache) -> tuple[torch.Tensor, MoEAux | None]:
         h = self.comm.gather_sequence(self.input_layernorm(x))
         x = x + self.comm.split_sequence(self.self_attn(h, rotary, docs, cache))
         h = self.post_attention_layernorm(x)
@@ -99,6 +114,16 @@ class MoETransformer(nn.Module):
                 layer.comm = text
                 if isinstance(layer.mlp, MoELayer):
                     layer.mlp.comm = moe(layer.mlp)
+
+    def set_recompute(self, mode: str, layers: list[int] | None = None) -> None:
+        """Activation recomputation `mode` (none, selective, full) for decoder `layers` (None: all; the others get
+        none); see scimoe/model/recompute.py."""
+        if mode not in MODES:
+            raise ValueError(f"recompute mode must be one of {MODES}, got '{mode}'")
+        chosen = set(range(len(self.layers)) if layers is None else layers)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, DecoderLayer):  # a pipeline stage holds placeholders for the others' layers
+                layer.set_recompute(mode if i in chosen else "none")
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

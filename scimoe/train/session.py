@@ -119,12 +119,15 @@ class Session:
         """This rank's part of the model. Started from a Hugging Face folder, it is built and sharded on the meta
         device and only this rank's share is ever allocated (the weights are read in afterwards); otherwise it
         is initialised whole from the seed, as one process would, and then sharded."""
+        train = self.cfg.train
         if state is None and self.cfg.checkpoint.init_weights.startswith("hf:"):
             with torch.device("meta"):
                 model = build_model(self.cfg.model)
+                model.set_recompute(train.recompute, train.recompute_layers)
                 chunks = parallelize(model, self.dims)
             return materialize(model, self.device), chunks
-        model = build_model(self.cfg.model, seed=self.cfg.train.seed)
+        model = build_model(self.cfg.model, seed=train.seed)
+        model.set_recompute(train.recompute, train.recompute_layers)
         if state is not None:
             model.load_state_dict(state)
         chunks = parallelize(model, self.dims)

@@ -5,7 +5,7 @@ One launch runs every check the spec lists (process start-up with megatron impor
 rank, so layouts are grouped): `parity` trains each layout from the same initial weights on the same
 global batches and records per-step loss / grad norm and the gathered final weights' deviation from
 the single-process reference (a layout with `resume_from` starts from another layout's checkpoint); `dispatch` and `grad_norm` exercise the expert-parallel dispatcher and
-the global gradient norm on hand-made cases. Rank 0 writes SPEC's `out` JSON; the test asserts.
+the global gradient norm on hand-made cases; `recompute` trains layouts with each train.recompute mode. Rank 0 writes SPEC's `out` JSON; the test asserts.
 """
 from __future__ import annotations
 
@@ -213,6 +213,43 @@ def run_mm_parity(spec: dict, rank: int, world: int) -> dict:
     return out
 
 
+def run_recompute(spec: dict, rank: int, world: int) -> dict:
+    """Each layout trained with train.recompute none, selective and full from the same initial weights: per-step
+    losses and grad norms, and whether the final weights equal the `none` run's bit for bit."""
+    from scimoe.model import recompute
+
+    initial = load_file(spec["initial_weights"])
+    regions = {"n": 0}
+    plain = recompute._contexts
+
+    def counted():  # every checkpointed region asks for its contexts once, in the forward
+        regions["n"] += 1
+        return plain()
+
+    recompute._contexts = counted
+    out = {}
+    for layout in spec["layouts"]:
+        runs, counts = {}, {}
+        for mode in ("none", "selective", "full"):
+            regions["n"] = 0
+            cfg = parity_config(micro_batch=layout["micro_batch"])
+            cfg.train.steps, cfg.train.recompute = spec["steps"], mode
+            for key in ("tp", "pp", "ep", "etp", "pp_virtual"):
+                setattr(cfg.parallel, key, layout.get(key, 1))
+            cfg.parallel.sequence_parallel = layout.get("sp", False)
+            dims = ParallelDims.from_config(cfg.parallel, world, rank)
+            run = pretrain(cfg, os.path.join(spec["workdir"], f"{layout['name']}_{mode}"), dims=dims,
+                           initial_state=initial, gather_final_weights=True)
+            runs[mode], counts[mode] = run, regions["n"]
+        base = runs["none"].final_weights
+        out[layout["name"]] = {mode: {"losses": [r["loss"] for r in run.records],
+                                      "grad_norms": [r["grad_norm"] for r in run.records],
+                                      "weights_equal": all(torch.equal(run.final_weights[k], base[k]) for k in base)
+                                      and run.final_weights.keys() == base.keys(), "regions": counts[mode]}
+                               for mode, run in runs.items()}
+    return out
+
+
 def run_memory(spec: dict, rank: int, world: int) -> dict:
     """Measured vs planned bytes on every rank for each layout of spec["memory"]."""
     from tests.distributed.memory_check import measure
@@ -242,6 +279,8 @@ def main() -> None:
         results["mm_parity"] = run_mm_parity(spec["mm_parity"], rank, world)
     if "memory" in spec:
         results["memory"] = run_memory(spec["memory"], rank, world)
+    if "recompute" in spec:
+        results["recompute"] = run_recompute(spec["recompute"], rank, world)
     if spec.get("grad_norm"):
         results["grad_norm"] = run_grad_norm(rank, world)
     if rank == 0:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scimoe.model.recompute import recomputed
+
 
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward hands on a contiguous gradient: grouped_mm refuses expanded grads."""
@@ -48,8 +50,15 @@ class GroupedExperts(nn.Module):
         self.num_experts, self.hidden, self.ffn_hidden = num_experts, hidden, ffn_hidden
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn_hidden, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, ffn_hidden))
+        self.recompute = False
+        """Free the SwiGLU intermediates after the forward and compute them again in the backward."""
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if self.recompute:
+            return recomputed(self._swiglu, x_sorted, counts)
+        return self._swiglu(x_sorted, counts)
+
+    def _swiglu(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         gate, up = grouped_linear(x_sorted, self.gate_up_proj, counts).chunk(2, dim=-1)
         return grouped_linear(F.silu(gate) * up, self.down_proj, counts)
 

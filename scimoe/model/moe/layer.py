@@ -13,6 +13,7 @@ from scimoe.model.moe import losses
 from scimoe.model.communication import LocalMoE, MoECommunication
 from scimoe.model.moe.experts import GroupedExperts, SwiGLU
 from scimoe.model.moe.router import GroupedRouter
+from scimoe.model.recompute import recomputing
 
 
 @dataclass
@@ -78,13 +79,13 @@ class MoELayer(nn.Module):
         y = comm.combine(out, routing.weights, sent)
         if self.cfg.router_mode == "ste_ema":
             y = y + self._ema_gradient_path(routing).to(y.dtype)
-            if self.training:
+            if self.training and not recomputing():
                 self.output_sum_since_update.index_add_(0, sent.expert_ids, out.detach().float())
         y = comm.all_shares(y)
         if self.shared_expert is not None:
             y = y + self.shared_expert(flat)
         routed = torch.bincount(routing.indices.flatten(), minlength=self.cfg.num_experts)
-        if self.training:
+        if self.training and not recomputing():
             self.load_since_update += routed.float()
         aux = self._aux(routing, batch // comm.share_parts, routed, comm.all_shares(routing.indices))
         return comm.split_sequence(y.view(batch, seq, hidden).to(x.dtype)), aux

@@ -2,10 +2,10 @@
 
 Run: `scimoe-plan model=intern_s1_pro parallel.tp=8 parallel.pp=8 parallel.ep=8 cluster.gpus=512 cluster.gpu=h200
 train.seq_len=8192 train.micro_batch=1 train.global_batch=1024` (any scimoe-train override). Prints per-GPU
-memory (parameters, gradients, ZeRO-1-sharded AdamW state, activations per micro-batch with and without
-full recomputation, all-to-all buffers), communication per step by kind, and the estimated step time
-and MFU; when the layout does not fit it says so and suggests the smallest layout that does (fewest
-model-parallel GPUs, then fastest). Tested by `python -m pytest tests/plan`.
+memory (parameters, gradients, ZeRO-1-sharded AdamW state, activations per micro-batch under
+train.recompute, all-to-all buffers), communication per step by kind, and the estimated step time and
+MFU; when the layout does not fit it says so and suggests the smallest layout that does (fewest
+model-parallel GPUs, then fastest; without recomputation if one fits, else selective, else full). Tested by `python -m pytest tests/plan`.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ class Plan:
     def capacity_bytes(self) -> float:
         return ACCELERATORS[self.cfg.cluster.gpu].memory_gib * GIB * HEADROOM
 
-    def fits(self, recompute: bool = False) -> bool:
-        return self.memory.worst(recompute).total(recompute) <= self.capacity_bytes
+    def fits(self) -> bool:
+        return self.memory.worst().total() <= self.capacity_bytes
 
 
 def check_layout(cfg: Config, world: int) -> ParallelDims:
@@ -75,15 +75,14 @@ def candidates(cfg: Config) -> list[Plan]:
     return plans
 
 
-def suggest(cfg: Config) -> tuple[Plan, bool] | None:
+def suggest(cfg: Config) -> Plan | None:
     """The layout with the fewest model-parallel GPUs (tp·pp·ep) that fits, then the fastest; without
-    activation recomputation if any does, else with it (second item: recomputation needed)."""
-    plans = candidates(cfg)
-    for recompute in (False, True):
-        fitting = [p for p in plans if p.fits(recompute)]
+    activation recomputation if any does, else with selective, else with full (its train.recompute says)."""
+    for mode in ("none", "selective", "full"):
+        fitting = [p for p in candidates(replace(cfg, train=replace(cfg.train, recompute=mode, recompute_layers=None)))
+                   if p.fits()]
         if fitting:
-            best = min(fitting, key=lambda p: (p.cfg.parallel.tp * p.cfg.parallel.pp * p.cfg.parallel.ep, p.step.step_s))
-            return best, recompute
+            return min(fitting, key=lambda p: (p.cfg.parallel.tp * p.cfg.parallel.pp * p.cfg.parallel.ep, p.step.step_s))
     return None
 
 
@@ -97,7 +96,6 @@ def describe(plan: Plan) -> str:
     worst = plan.memory.worst()
     gpu = ACCELERATORS[cfg.cluster.gpu]
     act = worst.activation_bytes_per_microbatch
-    act_rc = worst.activation_bytes_recompute_per_microbatch
     lines = [
         f"{cfg.model.name} on {plan.world} × {cfg.cluster.gpu} ({cfg.cluster.nodes} node(s)), layout "
         f"{dims.describe().rsplit(' rank', 1)[0]} (expert-dp {max(1, par.tp * dims.dp // par.ep)}), "
@@ -109,11 +107,12 @@ def describe(plan: Plan) -> str:
         f"  AdamW state {'(ZeRO-1)' if par.zero else '(unsharded)'}      {_gib(worst.optimizer_bytes)}",
         f"  activations                 {_gib(act * worst.microbatches_in_flight)}   "
         f"({_gib(act).strip()} per micro-batch × {worst.microbatches_in_flight} in flight; "
-        f"full recomputation: {_gib(act_rc * worst.microbatches_in_flight).strip()})",
+        f"train.recompute={cfg.train.recompute})",
+        *([f"  recomputed in the backward  {_gib(worst.recompute_transient_bytes)}   (one block at a time)"]
+          if cfg.train.recompute != "none" else []),
         f"  all-to-all buffers          {_gib(worst.alltoall_buffer_bytes)}",
         f"  total                       {_gib(worst.total())}   of {gpu.memory_gib:.0f} GiB ({HEADROOM:.0%} usable): "
-        + ("fits" if plan.fits() else "DOES NOT FIT" + (" (fits with full activation recomputation, which scimoe "
-                                                         "does not build yet)" if plan.fits(True) else "")),
+        + ("fits" if plan.fits() else "DOES NOT FIT"),
         "communication per GPU per step:",
         *(f"  {kind:<5} {volume / 1e9:10.2f} GB  {plan.step.comm_s[kind]:8.3f} s" for kind, volume in plan.step.comm_bytes.items()),
         f"estimated step: compute {plan.step.compute_s:.3f} s, pipeline bubble {plan.step.bubble:.1%}, "
@@ -145,9 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"no layout fits on {cfg.cluster.gpus} × {cfg.cluster.gpu}, even with full recomputation: more GPUs "
                   "or a smaller micro-batch / sequence are needed")
         else:
-            better, recompute = found
-            p = better.cfg.parallel
-            print(f"\nsmallest layout that fits{' with full activation recomputation (not built in scimoe yet)' if recompute else ''}: "
-                  f"parallel.tp={p.tp} parallel.pp={p.pp} parallel.ep={p.ep} parallel.sequence_parallel={p.sequence_parallel}\n"
-                  + describe(better))
+            p = found.cfg.parallel
+            print(f"\nsmallest layout that fits: parallel.tp={p.tp} parallel.pp={p.pp} parallel.ep={p.ep} "
+                  f"parallel.sequence_parallel={p.sequence_parallel} train.recompute={found.cfg.train.recompute}\n"
+                  + describe(found))
         sys.exit(1)

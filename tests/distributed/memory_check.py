@@ -25,6 +25,7 @@ def measure(cfg: Config, dims: ParallelDims, run_dir: str) -> dict:
     """One step of `cfg` in `dims` on this rank: measured bytes and the planner's for this rank."""
     dims = dims.build_groups()
     model = build_model(cfg.model, seed=cfg.train.seed)
+    model.set_recompute(cfg.train.recompute, cfg.train.recompute_layers)
     chunks = parallelize(model, dims)
     optimizer = build_optimizer(model, cfg.train, optimizer_shards(model, dims, cfg.parallel.zero))
     loader = StepLoader(build_rows(cfg, run_dir), cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seed,
@@ -40,9 +41,24 @@ def measure(cfg: Config, dims: ParallelDims, run_dir: str) -> dict:
             saved[ptr] = t.untyped_storage().nbytes()
         return t
 
+    from scimoe.model import recompute
+
+    plain_checkpoint = recompute.checkpoint
+
+    def checkpoint_keeping(fn, *args, **kwargs):  # a recomputed block keeps its inputs instead of its saved tensors
+        for arg in args:
+            for t in arg if isinstance(arg, tuple) else (arg,):
+                if isinstance(t, torch.Tensor):
+                    pack(t)
+        return plain_checkpoint(fn, *args, **kwargs)
+
     labels = int(dims.reduce_sum(torch.tensor(int((batches[0]["labels"] != -100).sum()))))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward_backward(model, chunks, batches, labels, dims)
+    recompute.checkpoint = checkpoint_keeping
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward_backward(model, chunks, batches, labels, dims)
+    finally:
+        recompute.checkpoint = plain_checkpoint
     sync_grads(model, dims)
     grads = _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
     optimizer.step()

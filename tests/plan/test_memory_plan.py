@@ -14,7 +14,7 @@ ACTIVATION_TOLERANCE = 0.2
 
 
 def memory_config(tp: int = 1, pp: int = 1, ep: int = 1, zero: int = 1, sp: bool = False, world: int = 1,
-                  dense_layers: int = 0, etp: int = 1) -> Config:
+                  dense_layers: int = 0, etp: int = 1, recompute: str = "none") -> Config:
     """A tiny run whose step is one micro-batch per rank (so one forward's saved bytes are measurable)."""
     dp = world // (tp * pp)
     cfg = Config(model=ModelConfig(moe=MoEConfig(dense_layers=dense_layers, dense_ffn_hidden=96 if dense_layers else 0)),
@@ -23,6 +23,7 @@ def memory_config(tp: int = 1, pp: int = 1, ep: int = 1, zero: int = 1, sp: bool
                  logger=LoggerConfig(kind="none"))
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.zero, cfg.parallel.etp = tp, pp, ep, zero, etp
     cfg.parallel.sequence_parallel = sp
+    cfg.train.recompute = recompute
     return cfg
 
 
@@ -38,3 +39,12 @@ def test_one_process_allocates_what_the_planner_says(tmp_path):
     for dense_layers in (0, 1):
         cfg = memory_config(dense_layers=dense_layers)
         assert_memory_matches(f"single dense={dense_layers}", [measure(cfg, ParallelDims(), str(tmp_path))])
+
+
+def test_recomputation_saves_what_the_planner_says(tmp_path):
+    measured = {}
+    for mode in ("none", "selective", "full"):
+        measured[mode] = measure(memory_config(dense_layers=1, recompute=mode), ParallelDims(), str(tmp_path))
+        assert_memory_matches(f"single recompute={mode}", [measured[mode]])
+    assert measured["full"]["activations"] < 0.25 * measured["none"]["activations"]
+    assert measured["selective"]["activations"] < 0.9 * measured["none"]["activations"]

@@ -15,7 +15,7 @@ BIG = ["model=intern_s1_pro", "cluster.gpu=h200", "train.seq_len=4096", "train.m
 def test_a_fitting_layout_is_reported_with_every_memory_term(capsys):
     main(["parallel.tp=4", "parallel.pp=16", "parallel.ep=8", "parallel.sequence_parallel=true", "cluster.gpus=512", *BIG])
     out = capsys.readouterr().out  # returned normally: exit status 0
-    for term in ("parameters (fp32)", "gradients (fp32)", "AdamW state (ZeRO-1)", "activations", "full recomputation",
+    for term in ("parameters (fp32)", "gradients (fp32)", "AdamW state (ZeRO-1)", "activations", "train.recompute=none",
                  "all-to-all buffers", ": fits", "MFU"):
         assert term in out, term
     for kind in ("dp", "zero", "tp", "ep", "pp"):
@@ -28,6 +28,25 @@ def test_a_layout_that_does_not_fit_gets_the_smallest_one_that_does(capsys):
     out = capsys.readouterr().out
     assert stop.value.code == 1
     assert "DOES NOT FIT" in out and "smallest layout that fits: parallel.tp=4 parallel.pp=16 parallel.ep=8" in out
+
+
+def test_recomputation_shrinks_what_is_saved_and_the_suggestion_uses_it(capsys):
+    from scimoe.config import compose_config
+
+    base = compose_config(["parallel.tp=4", "parallel.pp=16", "parallel.ep=8", "cluster.gpus=512", *BIG])
+    worst = {mode: plan_memory(compose_config(["parallel.tp=4", "parallel.pp=16", "parallel.ep=8", "cluster.gpus=512",
+                                               f"train.recompute={mode}", *BIG]), 512).stages[0]
+             for mode in ("none", "selective", "full")}
+    assert worst["full"].activation_bytes_per_microbatch < worst["selective"].activation_bytes_per_microbatch \
+        < worst["none"].activation_bytes_per_microbatch
+    assert worst["none"].recompute_transient_bytes == 0 < worst["selective"].recompute_transient_bytes \
+        < worst["full"].recompute_transient_bytes
+    assert base.train.recompute == "none"
+    # 32 × 8 H100: nothing fits without recomputation; the suggestion says which mode it needs.
+    with pytest.raises(SystemExit):
+        main(["cluster.gpu=h100", "cluster.gpus=256", *BIG[:1], *BIG[2:]])
+    out = capsys.readouterr().out
+    assert "smallest layout that fits" in out and "train.recompute=" in out.split("smallest layout that fits")[1]
 
 
 def test_impossible_layouts_are_named(capsys):

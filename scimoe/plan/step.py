@@ -12,7 +12,10 @@ optimizer step (ring all-reduce moves 2·(n−1)/n of the buffer, all-gather and
 Time: compute = model FLOPs / (peak × `matmul_efficiency`), stretched by the 1F1B bubble
 (pp−1)/(v·m + pp − 1) for m micro-batches and v virtual stages; tp and ep traffic is on the critical
 path, intra-node over NVLink when the group fits in a node, else the network; the dp/ZeRO traffic runs
-after the backward (scimoe does not overlap it yet) over the network when dp spans nodes.
+after the backward (scimoe does not overlap it yet) over the network when dp spans nodes. Recomputation
+adds its second forward to the device's work (not to the model FLOPs MFU counts): `full` one forward of
+every layer (a third of the training FLOPs), `selective` the experts' gate/up matmuls and the attention
+core (and its repeated collectives are not modelled).
 """
 from __future__ import annotations
 
@@ -34,6 +37,20 @@ class StepPlan:
     step_s: float
     mfu: float
     tokens_per_s: float
+
+
+def recompute_flops_per_token(cfg: Config) -> float:
+    """FLOPs the backward spends running blocks again, per trained token (train.recompute over all layers)."""
+    m, mode = cfg.model, cfg.train.recompute
+    share = len(cfg.train.recompute_layers) / m.layers if cfg.train.recompute_layers is not None else 1.0
+    if mode == "full":
+        return training_flops_per_token(m, cfg.train.seq_len) / 3 * share
+    if mode == "selective":
+        moe_layers = m.layers - m.moe.dense_layers
+        gate_up = 2 * m.moe.top_k * 2 * m.moe.ffn_hidden * m.hidden * moe_layers
+        core = 2 * m.layers * m.heads * m.head_dim * cfg.train.seq_len  # q·kᵀ and p·v over S/2 keys on average
+        return (gate_up + core) * share
+    return 0.0
 
 
 def plan_step(cfg: Config, memory: MemoryPlan, world: int, matmul_efficiency: float = 0.55) -> StepPlan:
@@ -68,7 +85,8 @@ def plan_step(cfg: Config, memory: MemoryPlan, world: int, matmul_efficiency: fl
     }
     comm_s = {kind: volume / (bandwidth[kind] * 1e9) for kind, volume in comm.items()}
     flops_per_rank = training_flops_per_token(m, train.seq_len) * train.global_batch * train.seq_len / world
-    compute_s = flops_per_rank / (peak_tflops(cluster) * 1e12 * matmul_efficiency)
+    compute_s = (flops_per_rank + recompute_flops_per_token(cfg) * train.global_batch * train.seq_len / world) \
+        / (peak_tflops(cluster) * 1e12 * matmul_efficiency)
     bubble = (pp - 1) / (par.pp_virtual * micro + pp - 1) if pp > 1 else 0.0
     step_s = compute_s / (1 - bubble) + sum(comm_s.values())
     mfu = flops_per_rank / (step_s * peak_tflops(cluster) * 1e12)

@@ -264,7 +264,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
     dtype: str = "fp32"
-    """Compute precision: `fp32` or `bf16` (autocast; master weights and router stay fp32)."""
+    """`fp32`, or `bf16`: matrices stored and computed in bf16 under autocast; the router, FoPE tables and vectors
+    stay fp32; fp32 master weights and AdamW moments sharded over data-parallel ranks with parallel.zero=1
+    (scimoe/train/master.py); gradients accumulate and reduce in parallel.grad_reduce_dtype."""
+    optimizer_offload: str = "none"
+    """`none`, or `cpu`: fp32 master weights and AdamW moments live in host memory and DeepSpeed's CPU Adam steps
+    them; only the (bf16 or fp32) weights and their gradient buffers stay on the device."""
     log_every: int = 1
     """Console line every N steps (metrics.jsonl gets every step)."""
     deterministic: bool = True
@@ -305,6 +310,13 @@ class TrainConfig:
         _require(self.log_every >= 1, "train.log_every", "must be >= 1")
         _require(self.recompute in ("none", "selective", "full"), "train.recompute",
                  f"must be none, selective or full, got '{self.recompute}'")
+        _require(self.optimizer_offload in ("none", "cpu"), "train.optimizer_offload",
+                 f"must be none or cpu, got '{self.optimizer_offload}'")
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the optimizer steps separate fp32 masters (bf16 weights, or optimizer offload)."""
+        return self.dtype == "bf16" or self.optimizer_offload != "none"
 
 
 @dataclass
@@ -361,11 +373,22 @@ class ParallelConfig:
     """Decoder layers per (virtual) pipeline stage, pp × pp_virtual entries (e.g. [3, 5]); None = even."""
     zero: int = 1
     """Optimizer-state sharding over data-parallel ranks: 0 = every rank keeps all AdamW state, 1 = ZeRO-1."""
+    grad_bucket_mb: float = 64.0
+    """Data-parallel gradients are summed in buckets of at most this many MiB (scimoe/parallel/grad_buckets.py)."""
+    overlap_grad_reduce: bool = True
+    """Start each bucket's data-parallel sum during the backward as soon as its gradients are final (bitwise the
+    same result as after the backward)."""
+    grad_reduce_dtype: str = "fp32"
+    """With train.dtype=bf16: gradients accumulate over micro-batches and are summed over data-parallel ranks in
+    `fp32` (megatron's accumulate_allreduce_grads_in_fp32) or `bf16` (half the buffer and traffic)."""
 
     def __post_init__(self) -> None:
+        _require(self.grad_bucket_mb > 0, "parallel.grad_bucket_mb", "must be positive")
         for key in ("tp", "pp", "ep", "etp"):
             _require(getattr(self, key) >= 1, f"parallel.{key}", "must be >= 1")
         _require(self.zero in (0, 1), "parallel.zero", f"must be 0 or 1, got {self.zero}")
+        _require(self.grad_reduce_dtype in ("fp32", "bf16"), "parallel.grad_reduce_dtype",
+                 f"must be fp32 or bf16, got '{self.grad_reduce_dtype}'")
         _require(self.pp_virtual >= 1, "parallel.pp_virtual", "must be >= 1")
         _require(self.pp_virtual == 1 or self.pp > 1, "parallel.pp_virtual", "needs parallel.pp > 1")
 
@@ -611,6 +634,8 @@ class Config:
                  f"names layers {missing} that do not exist (model.layers = {self.model.layers}: 0 … {self.model.layers - 1})")
         _require(self.train.recompute != "none" or not self.train.recompute_layers, "train.recompute_layers",
                  "is set but train.recompute is none")
+        _require(self.parallel.grad_reduce_dtype == "fp32" or self.train.dtype == "bf16", "parallel.grad_reduce_dtype",
+                 "bf16 needs train.dtype=bf16 (fp32 weights keep fp32 gradients)")
 
 
 def register_configs() -> None:

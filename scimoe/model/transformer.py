@@ -104,6 +104,9 @@ class MoETransformer(nn.Module):
             self.timeseries.requires_grad_(not t.freeze)
         self.comm: TextCommunication = LocalText()
         """Sequence shards and the LM loss; scimoe.parallel hands in tensor-parallel ones."""
+        self.grad_buckets = None
+        """Data-parallel gradient buckets (scimoe/parallel/grad_buckets.py) when a layout reduces gradients over
+        ranks; the step's loop tells them which backward pass is the last. None on one process."""
 
     def use_communication(self, text: TextCommunication, moe: Callable[[MoELayer], MoECommunication]) -> None:
         """Install a layout's communication: `text` for the residual stream and the loss (every layer),

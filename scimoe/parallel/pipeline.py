@@ -108,11 +108,13 @@ def megatron_pipeline_config(model: MoETransformer, dims: ParallelDims):
 
 def pipeline_forward_backward(chunks: list[PipelineChunk], microbatches: list[dict[str, torch.Tensor]],
                               label_tokens: int, pp: int, head=None, aux_grad_scale: float | None = None,
-                              forward_only: bool = False) -> list[dict]:
+                              forward_only: bool = False, no_sync=None) -> list[dict]:
     """1F1B (interleaved when a rank has several chunks) over the micro-batches; each chunk keeps its
     layers' MoE statistics per micro-batch in `auxes`, the last one its loss sum. With `head(logits, mb) ->
     (loss, extras)` the last stage's loss is the head's; returns the extras of each micro-batch on the last
-    stage ([] elsewhere). Balance terms enter times `aux_grad_scale` (default 1 / micro-batches)."""
+    stage ([] elsewhere). Balance terms enter times `aux_grad_scale` (default 1 / micro-batches). `no_sync`: the
+    gradient buckets' context for backward passes that must not start reductions (megatron's no_sync_func: all
+    but each chunk's last micro-batch)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     n_micro, virtual = len(microbatches), len(chunks)
@@ -135,6 +137,11 @@ def pipeline_forward_backward(chunks: list[PipelineChunk], microbatches: list[di
             return loss, torch.tensor(1 if head else int((mb["labels"] != -100).sum())), extras
         return out, loss_func
 
+    for chunk in chunks:
+        chunk.config.no_sync_func = no_sync
+        # the residual stream between stages has the weights' dtype (bf16 under mixed precision)
+        chunk.config.pipeline_dtype = torch.bfloat16 if any(p.dtype == torch.bfloat16 for p in chunk.parameters()) \
+            else torch.float32
     b, s = microbatches[0]["input_ids"].shape
     schedule = get_forward_backward_func(pp_size=pp, vp_size=virtual if virtual > 1 else None)
     return schedule(forward_step_func=forward_step, data_iterator=[iter(microbatches) for _ in chunks], model=chunks,

@@ -18,11 +18,12 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from scimoe.model import MoETransformer
 from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.expert import expert_parameters
+from scimoe.parallel.grad_buckets import param_grad
 from scimoe.parallel.tensor import gather_tensor_parallel, is_tensor_parallel, partial_grad_parameters
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter], group) -> None:
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [g for g in map(param_grad, params) if g is not None]
     if not grads:
         return
     flat = _flatten_dense_tensors(grads)
@@ -50,8 +51,48 @@ def optimizer_shards(model: MoETransformer, dims: ParallelDims, zero: int) -> li
             (experts, dims.groups.expert_dp if dims.expert_dp > 1 else None)]
 
 
+def master_shards(model: MoETransformer, dims: ParallelDims, zero: int) -> list:
+    """[(params, group or None)] for scimoe/train/master.py: dense weights shared over dp, expert shards over
+    expert-dp; None where nothing is sharded (one process, a group of one, or ZeRO off)."""
+    dense, experts = split_dense_and_experts(model, dims)
+    if dims.is_single_process:
+        return [(dense + experts, None)]
+    shard = lambda size, group: group if zero and size > 1 else None  # noqa: E731
+    return [(dense, shard(dims.dp, dims.groups.dp)), (experts, shard(dims.expert_dp, dims.groups.expert_dp))]
+
+
+def install_grad_buckets(model: MoETransformer, dims: ParallelDims, bucket_mb: float, overlap: bool,
+                         mixed: bool = False, dtype: torch.dtype = torch.float32) -> None:
+    """Give `model` its data-parallel gradient buckets (dense weights over dp, expert shards over expert-dp;
+    scimoe/parallel/grad_buckets.py), if its layout sums gradients over such ranks, or always under mixed
+    precision (`mixed`: `param.main_grad` in `dtype`, accumulated there on one process too). Every rank calls
+    this, in the same order (the buckets make their own communicators). Call once the parameters are on
+    their device."""
+    from scimoe.parallel.grad_buckets import GradBuckets, private_group
+
+    dense, experts = split_dense_and_experts(model, dims)
+    groups = []
+    if not dims.is_single_process:
+        named = [("dp", dense, dims.dp), ("expert_dp", experts, dims.expert_dp)]
+        everyone = dims.all_gather_object([tuple(dist.get_process_group_ranks(getattr(dims.groups, name)))
+                                           for name, _, _ in named])
+        for i, (name, params, size) in enumerate(named):
+            if params and size > 1:
+                groups.append((params, private_group(getattr(dims.groups, name), [e[i] for e in everyone])))
+            elif params and mixed:
+                groups.append((params, None))
+    elif mixed:
+        groups = [(dense + experts, None)]
+    if groups:
+        model.grad_buckets = GradBuckets(groups, int(bucket_mb * 2**20), overlap, dtype, main_grad=mixed)
+
+
 def sync_grads(model: MoETransformer, dims: ParallelDims) -> None:
-    """Sum every gradient over the ranks that computed a part of it."""
+    """Sum every gradient over the ranks that computed a part of it: the buckets' data-parallel sums first (started
+    during the backward), then the tensor- and pipeline-parallel ones."""
+    bucketed = model.grad_buckets is not None
+    if bucketed:
+        model.grad_buckets.finish()
     if dims.is_single_process:
         return
     g = dims.groups
@@ -64,16 +105,16 @@ def sync_grads(model: MoETransformer, dims: ParallelDims) -> None:
         _all_reduce_grads(partial_grad_parameters(model, dims), g.tp)
     if dims.pp > 1:  # the FoPE tables serve layers on every stage
         _all_reduce_grads(list(model.rotary.parameters()), g.pp)
-    if dims.dp > 1:
+    if dims.dp > 1 and not bucketed:
         _all_reduce_grads(dense, g.dp)
-    if experts and dims.expert_dp > 1:
+    if experts and dims.expert_dp > 1 and not bucketed:
         _all_reduce_grads(experts, g.expert_dp)
     if dims.pp > 1:
         # Each stage's dp sum ran over a different flat buffer and may round the FoPE grads differently;
         # stage 0's copy keeps every stage's tables bit-identical (a checkpoint stores one copy).
         for p in model.rotary.parameters():
-            if p.grad is not None:
-                dist.broadcast(p.grad, group=g.pp, group_src=0)
+            if param_grad(p) is not None:
+                dist.broadcast(param_grad(p), group=g.pp, group_src=0)
 
 
 def clip_grad_norm(model: MoETransformer, dims: ParallelDims, max_norm: float) -> float:
@@ -82,15 +123,21 @@ def clip_grad_norm(model: MoETransformer, dims: ParallelDims, max_norm: float) -
     tp, expert shards over ep (they are replicated across expert-dp), stages over pp (the shared FoPE tables
     counted on stage 0 only)."""
     if dims.is_single_process:
-        params = [p for p in model.parameters() if p.grad is not None]
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+        if model.grad_buckets is None or not model.grad_buckets.main_grad:
+            params = [p for p in model.parameters() if p.grad is not None]
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+        grads = [g for g in map(param_grad, model.parameters()) if g is not None]  # what clip_grad_norm_ does
+        total = torch.nn.utils.get_total_norm(grads)
+        if max_norm > 0:
+            torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        return float(total)
     dense, experts = split_dense_and_experts(model, dims)
     if dims.pp > 1 and dims.groups.pp_rank > 0:
         shared = {id(p) for p in model.rotary.parameters()}
         dense = [p for p in dense if id(p) not in shared]
 
     def sq(params) -> torch.Tensor:
-        return torch.tensor(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None),
+        return torch.tensor(sum(float(g.double().pow(2).sum()) for g in map(param_grad, params) if g is not None),
                             dtype=torch.float64)
 
     split_over_tp = lambda p: is_tensor_parallel(p) or getattr(p, "expert_tensor_parallel", False)  # noqa: E731
@@ -103,9 +150,9 @@ def clip_grad_norm(model: MoETransformer, dims: ParallelDims, max_norm: float) -
     if max_norm > 0 and math.isfinite(total):
         coef = min(1.0, max_norm / (total + 1e-6))
         if coef < 1.0:
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+            for g in map(param_grad, model.parameters()):
+                if g is not None:
+                    g.mul_(coef)
     return total
 
 

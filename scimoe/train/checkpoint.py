@@ -46,8 +46,21 @@ def _torch_bytes(obj: Any) -> bytes:
 
 
 def tensor_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors (megatron layers add `_extra_state` entries that are None)."""
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    """The model's tensors (megatron layers add `_extra_state` entries that are None). Under mixed precision a
+    parameter's value is its fp32 master (scimoe/train/master.py), and one whose master another rank holds is
+    left to that rank."""
+    params = dict(model.named_parameters())
+    out = {}
+    for k, v in model.state_dict().items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        p = params.get(k)
+        if p is not None and "master" in vars(p):
+            if p.master is None:
+                continue
+            v = p.master
+        out[k] = v.detach().contiguous().cpu()
+    return out
 
 
 def _entries(model: torch.nn.Module, optimizer: Any, layout: dict) -> tuple[dict, dict]:
@@ -162,15 +175,21 @@ def load_hf_weights(folder: str, model: torch.nn.Module, cfg, dims: ParallelDims
 
 def _load_model(index: shards.ShardIndex, model: torch.nn.Module, layout: dict, path: str) -> None:
     """Every tensor of the model read from `index` and copied in place, one at a time: the peak is the model
-    plus one slice (non-tensor entries, megatron's _extra_state, stay)."""
+    plus one slice (non-tensor entries, megatron's _extra_state, stay). A parameter with an fp32 master
+    (scimoe/train/master.py) gets the saved value there too, unrounded."""
     local = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}  # sharing storage
+    params = dict(model.named_parameters())
     missing = sorted(name for name in local if name not in index)
     if missing:
         raise ValueError(f"checkpoint {path} does not fit the model: it lacks {missing[:5]}"
                          f"{' and more' if len(missing) > 5 else ''}")
     with torch.no_grad():
         for name, target in local.items():
-            target.copy_(shards.read_local(index, name, tuple(target.shape), layout.get(name)))
+            value = shards.read_local(index, name, tuple(target.shape), layout.get(name))
+            master = vars(params[name]).get("master") if name in params else None
+            if master is not None:
+                master.copy_(value)
+            target.copy_(value)
 
 
 def load(path: str, model: torch.nn.Module, optimizer: Any, dims: ParallelDims = ParallelDims()) -> dict:

@@ -27,12 +27,13 @@ from scimoe.launch.run_dir import clear_finished, mark_finished
 from scimoe.model import MoETransformer, build_model
 from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.parallelize import parallelize
-from scimoe.parallel.runtime import optimizer_shards
+from scimoe.parallel.runtime import install_grad_buckets, master_shards, optimizer_shards
 from scimoe.parallel.state import gather_coordinates, rank_grid
 from scimoe.train import checkpoint
 from scimoe.train.async_save import AsyncSaver
 from scimoe.train.checkpoint_dir import CheckpointSaveError
 from scimoe.train.metrics import make_logger
+from scimoe.train.master import MasterOptimizer, cast_to_bf16
 from scimoe.train.optim import build_optimizer, lr_at
 from scimoe.train.signals import StopRequest
 from scimoe.train.step import apply_update, autocast
@@ -109,11 +110,25 @@ class Session:
         torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
         self.device = compute_device()
         self.model, self.chunks = self._parallel_model(initial_state)
-        self.optimizer = build_optimizer(self.model, cfg.train, optimizer_shards(self.model, self.dims, cfg.parallel.zero))
+        self.optimizer = self._optimizer()
         self.saver = AsyncSaver() if cfg.checkpoint.async_save else None
         self.logger = None
         self.start = self.reached = 0
         self.skipped_in_a_row = 0
+
+    def _optimizer(self):
+        """The gradient buckets and the optimizer: torch's AdamW (ZeRO-1 sharded) on fp32 weights, or fp32 masters
+        of bf16 / offloaded weights (scimoe/train/master.py), taken before the weights are cast."""
+        cfg, model, dims = self.cfg, self.model, self.dims
+        install_grad_buckets(model, dims, cfg.parallel.grad_bucket_mb, cfg.parallel.overlap_grad_reduce, cfg.train.mixed,
+                             torch.bfloat16 if cfg.parallel.grad_reduce_dtype == "bf16" else torch.float32)
+        if not cfg.train.mixed:
+            return build_optimizer(model, cfg.train, optimizer_shards(model, dims, cfg.parallel.zero))
+        optimizer = MasterOptimizer(model, cfg.train, master_shards(model, dims, cfg.parallel.zero),
+                                    offload=cfg.train.optimizer_offload == "cpu")
+        if cfg.train.dtype == "bf16":
+            cast_to_bf16(model)
+        return optimizer
 
     def _parallel_model(self, state: dict | None) -> tuple[MoETransformer, list]:
         """This rank's part of the model. Started from a Hugging Face folder, it is built and sharded on the meta
@@ -140,6 +155,8 @@ class Session:
         model, chunks = self._parallel_model(self.initial_state)
         if self.cfg.checkpoint.init_weights:
             self._load_init_weights(model)
+        if self.cfg.train.dtype == "bf16":
+            cast_to_bf16(model)
         return model.eval().requires_grad_(False), chunks
 
     def _load_init_weights(self, model: MoETransformer) -> None:

@@ -89,18 +89,21 @@ def forward_backward(model: MoETransformer, chunks: list[PipelineChunk], microba
     if not chunks:
         counts: list[torch.Tensor] = []
         stats: list[torch.Tensor] = []
-        for mb in microbatches:
+        buckets = model.grad_buckets
+        for i, mb in enumerate(microbatches):
             with autocast(dtype):
                 out = model(mb["input_ids"], mb["positions"], mb["labels"], images=mb.get("images"),
                             series=mb.get("series"))
             loss = out.loss_sum / max(label_tokens, 1) + (out.balance_loss + out.z_loss) / n_micro
-            loss.backward()
+            with buckets.syncing() if buckets is not None and i == n_micro - 1 else contextlib.nullcontext():
+                loss.backward()
             totals += torch.stack([out.loss_sum.detach(), out.balance_loss.detach() / n_micro,
                                    out.z_loss.detach() / n_micro]).double().cpu()
             _accumulate_moe_stats(counts, stats, out.moe, n_micro)
         return _sum_token_shares(dims, totals, counts, stats)
     with autocast(dtype):
-        pipeline_forward_backward(chunks, microbatches, label_tokens, dims.pp)
+        pipeline_forward_backward(chunks, microbatches, label_tokens, dims.pp,
+                                  no_sync=model.grad_buckets.no_sync if model.grad_buckets is not None else None)
     per_chunk = []  # (virtual stage, counts, layer stats) of this rank's chunks
     for chunk in chunks:
         counts, stats = [], []
@@ -153,6 +156,8 @@ def apply_update(model: MoETransformer, optimizer, dims: ParallelDims, grad_clip
     for moe in model.moe_layers():
         moe.discard_step() if skipped else moe.commit_step()
     optimizer.zero_grad()
+    if model.grad_buckets is not None:
+        model.grad_buckets.zero()
     return grad_norm, skipped
 
 

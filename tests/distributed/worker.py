@@ -5,7 +5,8 @@ One launch runs every check the spec lists (process start-up with megatron impor
 rank, so layouts are grouped): `parity` trains each layout from the same initial weights on the same
 global batches and records per-step loss / grad norm and the gathered final weights' deviation from
 the single-process reference (a layout with `resume_from` starts from another layout's checkpoint); `dispatch` and `grad_norm` exercise the expert-parallel dispatcher and
-the global gradient norm on hand-made cases; `recompute` trains layouts with each train.recompute mode. Rank 0 writes SPEC's `out` JSON; the test asserts.
+the global gradient norm on hand-made cases; `recompute` trains layouts with each train.recompute mode, `buckets` with each gradient-bucket setting,
+`master` with bf16 weights / fp32 masters, offload and ZeRO. Rank 0 writes SPEC's `out` JSON; the test asserts.
 """
 from __future__ import annotations
 
@@ -250,6 +251,73 @@ def run_recompute(spec: dict, rank: int, world: int) -> dict:
     return out
 
 
+def run_buckets(spec: dict, rank: int, world: int) -> dict:
+    """Each layout trained with each (overlap, bucket size) variant from the same initial weights: per-step losses,
+    grad norms, buckets started during the backward, and whether the final weights equal the first variant's."""
+    from scimoe.parallel.grad_buckets import GradBuckets
+
+    initial = load_file(spec["initial_weights"])
+    early: list[int] = []
+    finish = GradBuckets.finish
+
+    def counted(self):
+        finish(self)
+        early.append(self.started_in_backward)
+
+    GradBuckets.finish = counted
+    out = {}
+    for layout in spec["layouts"]:
+        runs = {}
+        for variant in spec["variants"]:
+            early.clear()
+            cfg = parity_config(micro_batch=layout["micro_batch"])
+            cfg.train.steps = spec["steps"]
+            for key in ("tp", "pp", "ep", "pp_virtual"):
+                setattr(cfg.parallel, key, layout.get(key, 1))
+            cfg.parallel.overlap_grad_reduce, cfg.parallel.grad_bucket_mb = variant["overlap"], variant["bucket_mb"]
+            dims = ParallelDims.from_config(cfg.parallel, world, rank)
+            run = pretrain(cfg, os.path.join(spec["workdir"], f"{layout['name']}_{variant['name']}"), dims=dims,
+                           initial_state=initial, gather_final_weights=True)
+            runs[variant["name"]] = (run, list(early))
+        base = runs[spec["variants"][0]["name"]][0].final_weights
+        out[layout["name"]] = {name: {"losses": [r["loss"] for r in run.records],
+                                      "grad_norms": [r["grad_norm"] for r in run.records], "started_early": started,
+                                      "weights_equal": run.final_weights.keys() == base.keys()
+                                      and all(torch.equal(run.final_weights[k], base[k]) for k in base)}
+                               for name, (run, started) in runs.items()}
+    return out
+
+
+def run_master(spec: dict, rank: int, world: int) -> dict:
+    """Layouts trained with mixed-precision options (dtype, offload, zero) from the same initial weights; one with
+    `resave_from` first resumes another layout's checkpoint and saves it again straight away (what it loaded, in
+    the file format), then continues to `steps`."""
+    from scimoe.train import checkpoint
+    from scimoe.train.session import Session
+
+    initial = load_file(spec["initial_weights"])
+    out = {}
+    for layout in spec["layouts"]:
+        cfg = parity_config(micro_batch=2)
+        cfg.train.steps, cfg.checkpoint.every = layout["steps"], layout.get("every", 0)
+        cfg.train.dtype, cfg.train.optimizer_offload = layout.get("dtype", "fp32"), layout.get("offload", "none")
+        cfg.parallel.zero = layout.get("zero", 1)
+        for key in ("tp", "pp", "ep"):
+            setattr(cfg.parallel, key, layout.get(key, 1))
+        dims = ParallelDims.from_config(cfg.parallel, world, rank)
+        run_dir = os.path.join(spec["workdir"], layout["name"])
+        if "resave_from" in layout:
+            source = os.path.join(spec["workdir"], layout["resave_from"])
+            cfg.checkpoint.resume = source
+            with Session(cfg, os.path.join(spec["workdir"], layout["name"] + "_resaved"), dims) as session:
+                state = session.resume()
+                session.save(state["step"], state["loader"])
+        run = pretrain(cfg, run_dir, dims=dims, initial_state=initial)
+        out[layout["name"]] = {"losses": [r["loss"] for r in run.records],
+                               "state_numel": dims.all_gather_object(run.optimizer_state_numel)}
+    return out
+
+
 def run_memory(spec: dict, rank: int, world: int) -> dict:
     """Measured vs planned bytes on every rank for each layout of spec["memory"]."""
     from tests.distributed.memory_check import measure
@@ -281,6 +349,10 @@ def main() -> None:
         results["memory"] = run_memory(spec["memory"], rank, world)
     if "recompute" in spec:
         results["recompute"] = run_recompute(spec["recompute"], rank, world)
+    if "buckets" in spec:
+        results["buckets"] = run_buckets(spec["buckets"], rank, world)
+    if "master" in spec:
+        results["master"] = run_master(spec["master"], rank, world)
     if spec.get("grad_norm"):
         results["grad_norm"] = run_grad_norm(rank, world)
     if rank == 0:

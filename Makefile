@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	@echo "building DeepSpeed's cpu_adam op for train.optimizer_offload=cpu (once, about 1-2 minutes)"
+	$(BIN)/python -c "from scimoe.train.master import load_cpu_adam; load_cpu_adam()" >/dev/null 2>&1 \
+		|| echo "warning: DeepSpeed's cpu_adam op did not build (needs g++ and ninja); train.optimizer_offload=cpu is unavailable"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -20,14 +20,20 @@ class Accelerator:
     """Intra-node bandwidth per GPU, GB/s, one direction."""
     network_gbps: float
     """Inter-node bandwidth per GPU (one 400 Gb/s NIC each), GB/s."""
+    pcie_gbps: float = 50.0
+    """Host <-> device bandwidth per GPU, GB/s, one direction (PCIe Gen5 x16 in practice; Gen4 for A100)."""
+    host_gib_per_gpu: float = 240.0
+    """Host memory per GPU for offloaded optimizer state (a 2 TiB node of 8 GPUs, less the OS and data loaders)."""
 
 
 ACCELERATORS = {
     "h100": Accelerator(bf16_tflops=989.0, memory_gib=80.0, hbm_tbps=3.35, nvlink_gbps=450.0, network_gbps=50.0),
     "h200": Accelerator(bf16_tflops=989.0, memory_gib=141.0, hbm_tbps=4.8, nvlink_gbps=450.0, network_gbps=50.0),
-    "a100": Accelerator(bf16_tflops=312.0, memory_gib=80.0, hbm_tbps=2.0, nvlink_gbps=300.0, network_gbps=25.0),
+    "a100": Accelerator(bf16_tflops=312.0, memory_gib=80.0, hbm_tbps=2.0, nvlink_gbps=300.0, network_gbps=25.0,
+                        pcie_gbps=25.0),
     "b200": Accelerator(bf16_tflops=2250.0, memory_gib=180.0, hbm_tbps=8.0, nvlink_gbps=900.0, network_gbps=50.0),
-    "cpu": Accelerator(bf16_tflops=1.0, memory_gib=24.0, hbm_tbps=0.05, nvlink_gbps=10.0, network_gbps=1.0),
+    "cpu": Accelerator(bf16_tflops=1.0, memory_gib=24.0, hbm_tbps=0.05, nvlink_gbps=10.0, network_gbps=1.0,
+                       pcie_gbps=10.0, host_gib_per_gpu=24.0),
 }
 
 

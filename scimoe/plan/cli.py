@@ -4,8 +4,9 @@ Run: `scimoe-plan model=intern_s1_pro parallel.tp=8 parallel.pp=8 parallel.ep=8 
 train.seq_len=8192 train.micro_batch=1 train.global_batch=1024` (any scimoe-train override). Prints per-GPU
 memory (parameters, gradients, ZeRO-1-sharded AdamW state, activations per micro-batch under
 train.recompute, all-to-all buffers), communication per step by kind, and the estimated step time and
-MFU; when the layout does not fit it says so and suggests the smallest layout that does (fewest
-model-parallel GPUs, then fastest; without recomputation if one fits, else selective, else full). Tested by `python -m pytest tests/plan`.
+MFU; when the layout does not fit it says so and suggests the smallest layout that does: the fewest
+model-parallel GPUs (tp·pp·ep) under any train.recompute mode and train.optimizer_offload choice, then the
+fastest of those. Tested by `python -m pytest tests/plan`.
 """
 from __future__ import annotations
 
@@ -36,7 +37,10 @@ class Plan:
         return ACCELERATORS[self.cfg.cluster.gpu].memory_gib * GIB * HEADROOM
 
     def fits(self) -> bool:
-        return self.memory.worst().total() <= self.capacity_bytes
+        """Device memory within HEADROOM, and offloaded optimizer state within the host's share per GPU."""
+        host = max((max(s.host_bytes_per_rank) for s in self.memory.stages if s.host_bytes_per_rank), default=0)
+        return self.memory.worst().total() <= self.capacity_bytes and \
+            host <= ACCELERATORS[self.cfg.cluster.gpu].host_gib_per_gpu * GIB * HEADROOM
 
 
 def check_layout(cfg: Config, world: int) -> ParallelDims:
@@ -75,15 +79,25 @@ def candidates(cfg: Config) -> list[Plan]:
     return plans
 
 
-def suggest(cfg: Config) -> Plan | None:
-    """The layout with the fewest model-parallel GPUs (tp·pp·ep) that fits, then the fastest; without
-    activation recomputation if any does, else with selective, else with full (its train.recompute says)."""
-    for mode in ("none", "selective", "full"):
-        fitting = [p for p in candidates(replace(cfg, train=replace(cfg.train, recompute=mode, recompute_layers=None)))
-                   if p.fits()]
-        if fitting:
-            return min(fitting, key=lambda p: (p.cfg.parallel.tp * p.cfg.parallel.pp * p.cfg.parallel.ep, p.step.step_s))
-    return None
+def suggest(cfg: Config, fastest: bool = False) -> Plan | None:
+    """The layout with the fewest model-parallel GPUs (tp·pp·ep) that fits under any recomputation mode and
+    offload choice, then the fastest of those (its train.recompute and train.optimizer_offload say which);
+    `fastest`: the fitting layout with the shortest estimated step."""
+    fitting = []
+    for mode, offload in itertools.product(("none", "selective", "full"), ("none", "cpu")):
+        train = replace(cfg.train, recompute=mode, recompute_layers=None, optimizer_offload=offload)
+        fitting += [p for p in candidates(replace(cfg, train=train)) if p.fits()]
+    if not fitting:
+        return None
+    if fastest:
+        return min(fitting, key=lambda p: p.step.step_s)
+    return min(fitting, key=lambda p: (p.cfg.parallel.tp * p.cfg.parallel.pp * p.cfg.parallel.ep, p.step.step_s))
+
+
+def _overrides(plan: Plan) -> str:
+    p, t = plan.cfg.parallel, plan.cfg.train
+    return (f"parallel.tp={p.tp} parallel.pp={p.pp} parallel.ep={p.ep} parallel.sequence_parallel={p.sequence_parallel} "
+            f"train.recompute={t.recompute} train.optimizer_offload={t.optimizer_offload}")
 
 
 def _gib(n: float) -> str:
@@ -96,15 +110,21 @@ def describe(plan: Plan) -> str:
     worst = plan.memory.worst()
     gpu = ACCELERATORS[cfg.cluster.gpu]
     act = worst.activation_bytes_per_microbatch
+    bf16 = cfg.train.dtype == "bf16"
+    mixed = bf16 or cfg.train.optimizer_offload != "none"
+    grads = cfg.parallel.grad_reduce_dtype if mixed else "fp32"
+    state = ("fp32 masters + AdamW" if mixed else "AdamW state") + (" (ZeRO-1)" if par.zero else " (unsharded)")
+    host = max(worst.host_bytes_per_rank) if worst.host_bytes_per_rank else 0
     lines = [
         f"{cfg.model.name} on {plan.world} × {cfg.cluster.gpu} ({cfg.cluster.nodes} node(s)), layout "
         f"{dims.describe().rsplit(' rank', 1)[0]} (expert-dp {max(1, par.tp * dims.dp // par.ep)}), "
         f"{cfg.train.global_batch} × {cfg.train.seq_len} tokens per step, micro-batch {cfg.train.micro_batch}, {cfg.train.dtype}",
         f"memory per GPU, fullest stage {worst.stage} (layers {worst.layers.start}-{worst.layers.stop - 1}):",
-        f"  parameters (fp32)           {_gib(worst.params_bytes)}   ({(worst.dense_params + worst.expert_params) / 1e9:.2f}B, "
-        f"{worst.expert_params / 1e9:.2f}B of them experts)",
-        f"  gradients (fp32)            {_gib(worst.grads_bytes)}",
-        f"  AdamW state {'(ZeRO-1)' if par.zero else '(unsharded)'}      {_gib(worst.optimizer_bytes)}",
+        f"  parameters ({'bf16' if bf16 else 'fp32'})           {_gib(worst.params_bytes)}   "
+        f"({(worst.dense_params + worst.expert_params) / 1e9:.2f}B, {worst.expert_params / 1e9:.2f}B of them experts)",
+        f"  gradients ({grads})            {_gib(worst.grads_bytes)}   (the bucket buffers)",
+        f"  {state:<27} {_gib(worst.optimizer_bytes)}"
+        + (f"   (offloaded: {host / GIB:.2f} GiB of host memory per GPU)" if host else ""),
         f"  activations                 {_gib(act * worst.microbatches_in_flight)}   "
         f"({_gib(act).strip()} per micro-batch × {worst.microbatches_in_flight} in flight; "
         f"train.recompute={cfg.train.recompute})",
@@ -141,11 +161,14 @@ def main(argv: list[str] | None = None) -> None:
     if not ok:
         found = suggest(cfg)
         if found is None:
-            print(f"no layout fits on {cfg.cluster.gpus} × {cfg.cluster.gpu}, even with full recomputation: more GPUs "
+            print(f"no layout fits on {cfg.cluster.gpus} × {cfg.cluster.gpu}, even with full recomputation and optimizer "
+                  "offload: more GPUs "
                   "or a smaller micro-batch / sequence are needed")
         else:
             p = found.cfg.parallel
-            print(f"\nsmallest layout that fits: parallel.tp={p.tp} parallel.pp={p.pp} parallel.ep={p.ep} "
-                  f"parallel.sequence_parallel={p.sequence_parallel} train.recompute={found.cfg.train.recompute}\n"
-                  + describe(found))
+            print(f"\nsmallest layout that fits: {_overrides(found)}\n" + describe(found))
+            quick = suggest(cfg, fastest=True)
+            if quick.step.step_s < found.step.step_s:
+                print(f"\nfastest layout that fits: {_overrides(quick)} ({quick.step.step_s:.2f} s/step, "
+                      f"{quick.memory.worst().total() / GIB:.1f} GiB per GPU)")
         sys.exit(1)

@@ -1,17 +1,25 @@
 """Per-rank memory of a layout, from the config alone: what scimoe's training allocates, term by term.
 
 Tested by `python -m pytest tests/plan` against what running jobs allocate (parameters, gradients and
-AdamW state exactly; activations against the bytes autograd saves, within 20%). Conventions, from the
+AdamW state exactly; activations against the bytes autograd saves, within 10%, fp32 and bf16). Conventions, from the
 implementation (docs/planning.md explains each):
-- weights, gradients and AdamW moments are fp32 (bf16 is autocast only): 4 + 4 + 8 bytes per parameter;
-  ZeRO-1 shards the moments of dense weights over dp and of experts over expert-dp (`parallel.zero=1`).
+- fp32 (`train.dtype=fp32`, no offload): weights, gradients and AdamW moments are fp32, 4 + 4 + 8 bytes per
+  parameter; torch's ZeRO-1 shards the moments of dense weights over dp and of experts over expert-dp.
+- mixed precision (`train.dtype=bf16` and/or `train.optimizer_offload=cpu`, scimoe/train/master.py): matrices
+  2 bytes in bf16 (router, FoPE tables and vectors stay 4), the gradient buffer 4 or 2
+  (`parallel.grad_reduce_dtype`), and per owned parameter an fp32 master and two moments, 12 bytes + a 4-byte
+  step, dealt out whole (largest first to the least loaded rank) over dp / expert-dp with `parallel.zero=1`.
+  Offload moves those to host memory (`host_bytes`, with a 4-byte fp32 copy of each owned gradient).
 - tensor parallelism splits q/k/v/o, the embedding, the LM head and per-KV-head FoPE tables; norms,
   routers, experts and dense MLPs are whole on every tp rank; expert parallelism splits the experts.
 - stage s of pp holds its layers (first: embedding; last: final norm and LM head; FoPE on every stage).
 - activations: per token and layer, the tensors autograd keeps for the backward (counted from the code:
   attention 3H+1 + 4·n_q·d + 4·n_kv·d + 2·n_q + n_kv elements, MoE 3H+1 + 2E + 10K + 3K·H + 4K·F, dense
-  MLP 3H+1 + 4F'; the rotary tables once per stage), times 4 bytes (fp32) or ~2.5 (bf16 autocast keeps norms and the router in fp32); the
-  LM head adds 3H+3 + V/tp per token. 1F1B keeps up to pp micro-batches in flight on stage 0.
+  MLP 3H+1 + 4F'; the rotary tables once per stage); the LM head adds 3H+3 + V/tp per token. Under bf16 each
+  term is split: what the norms, q/k norms, router, softmax statistics, rotary tables, logits and integer
+  indices keep is fp32 (4 bytes; ids count as 2 elements), the rest (projection inputs, q/k/v, the experts'
+  rows and SwiGLU intermediates, the residual stream) 2 bytes. 1F1B keeps up to pp micro-batches in flight on
+  stage 0.
 - recomputation (`train.recompute`): `selective` drops the experts' SwiGLU intermediates (4K·F/etp: the
   gate/up output, silu(gate) and the product) and the attention core's softmax statistics (n_q) from each
   layer; `full` keeps only each layer's input (H per position held) and the rotary tables. While the backward recomputes, one block's activations exist again at a time
@@ -48,7 +56,10 @@ class StageMemory:
     microbatches_in_flight: int = 1
     alltoall_buffer_bytes: int = 0
     optimizer_bytes_per_rank: list[int] = field(default_factory=list)
-    """AdamW bytes on each rank of the stage, in global rank order (ZeRO-1 shards whole tensors, unevenly)."""
+    """Optimizer bytes on the device of each rank of the stage, in global rank order (AdamW moments, plus the
+    fp32 masters under mixed precision; ZeRO-1 shards whole tensors, unevenly; 0 under offload)."""
+    host_bytes_per_rank: list[int] = field(default_factory=list)
+    """Host memory each rank's offloaded optimizer holds (masters, moments, gradient copies); 0 without offload."""
 
     def total(self) -> int:
         return (self.params_bytes + self.grads_bytes + self.optimizer_bytes
@@ -95,6 +106,17 @@ def zero_adam_bytes(params: list[tuple[int, bool]], ranks: int) -> list[int]:
     return adam
 
 
+def master_bytes(params: list[tuple[int, bool]], ranks: int, per_element: int) -> list[int]:
+    """Bytes each of `ranks` ranks holds for the parameters it owns under scimoe/train/master.py's partition
+    (every parameter, largest first, to the least loaded rank): `per_element` per element + a 4-byte step."""
+    load, held = [0] * ranks, [0] * ranks
+    for numel in sorted((n for n, _ in params), reverse=True):
+        chosen = load.index(min(load))
+        load[chosen] += numel
+        held[chosen] += per_element * numel + 4
+    return held
+
+
 def _shares(cfg: Config) -> tuple[float, float]:
     """(positions this rank holds outside attention, share of the tokens its expert block routes) per token of
     the micro-batch: sequence parallelism keeps 1/tp of the positions; with tp × ep (no SP) each tp rank routes
@@ -112,28 +134,40 @@ def swiglu_elements_per_token(cfg: Config) -> float:
     return 4 * m.moe.top_k * m.moe.ffn_hidden / cfg.parallel.etp * _shares(cfg)[1]
 
 
-def activation_elements_per_token(cfg: Config, moe_layer: bool, mode: str | None = None) -> float:
-    """Elements autograd saves per token in one layer on one rank under recomputation `mode` (default:
-    train.recompute; see the module docstring)."""
+def activation_split(cfg: Config, moe_layer: bool, mode: str | None = None) -> tuple[float, float]:
+    """(fp32 elements, compute-dtype elements) autograd saves per token in one layer on one rank under
+    recomputation `mode` (default: train.recompute; see the module docstring). Under fp32 both are 4 bytes."""
     m, tp = cfg.model, cfg.parallel.tp
     mode = mode or cfg.train.recompute
     h, d = m.hidden, m.head_dim
     share, routed_share = _shares(cfg)
     if mode == "full":
-        return h * share
+        return 0.0, h * share
     q, kv = m.heads // tp, m.kv_heads // tp
-    # the norm's input, statistic and normalised input (held positions), its gathered output, q/k before and after
-    # their norms and rotation, v, the core's output and softmax statistics (the last freed by selective recompute)
-    attention = (2 * h + 1) * share + h + 4 * q * d + 4 * kv * d + 2 * q + kv - (q if mode == "selective" else 0)
+    # fp32: the norm's input and normalised input and statistic (held positions), q/k norms' (input, output,
+    # statistic), the core's softmax statistics (freed by selective recompute); compute dtype: the norm's
+    # gathered output (the projections' input), q and k rotated, v
+    fp32 = (2 * h + 1) * share + 2 * q * d + 2 * kv * d + q + kv + (0 if mode == "selective" else q)
+    compute = h + 2 * q * d + 2 * kv * d
     if not moe_layer:
-        return attention + (3 * h + 1 + 4 * m.moe.dense_ffn_hidden) * share
+        return fp32 + (2 * h + 1) * share, compute + (h + 4 * m.moe.dense_ffn_hidden) * share
     k = m.moe.top_k
-    routed = 2 * m.moe.num_experts + 10 * k + 3 * k * h
+    router = 2 * m.moe.num_experts + 10 * k  # probabilities, logits, weights, indices
     if cfg.parallel.sequence_parallel and cfg.parallel.etp > 1:  # the block gathers the sequence: every position
-        block = 3 * h * share + 1 + 3 * h + 4 * m.moe.shared_expert_ffn + routed
-    else:
-        block = (3 * h + 1 + 4 * m.moe.shared_expert_ffn) * share + routed * routed_share
-    return attention + block + (0 if mode == "selective" else swiglu_elements_per_token(cfg))
+        fp32 += 2 * h * share + 1 + h + router
+        compute += h * share + 2 * h + 4 * m.moe.shared_expert_ffn + 3 * k * h
+    else:  # the post-attention norm and the router's fp32 input; the experts' rows in and out
+        fp32 += (3 * h + 1) * share + router * routed_share
+        compute += 4 * m.moe.shared_expert_ffn * share + 3 * k * h * routed_share
+    if cfg.parallel.ep > 1:  # the expert outputs put back in received order for the return all-to-all; one more index
+        fp32 += 2 * k * routed_share
+        compute += k * h * routed_share
+    return fp32, compute + (0 if mode == "selective" else swiglu_elements_per_token(cfg))
+
+
+def activation_elements_per_token(cfg: Config, moe_layer: bool, mode: str | None = None) -> float:
+    """All elements autograd saves per token in one layer on one rank (`activation_split` summed)."""
+    return sum(activation_split(cfg, moe_layer, mode))
 
 
 def rotary_elements_per_token(cfg: Config) -> int:
@@ -158,7 +192,9 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     expert_dp = max(1, tp * dp // (ep * etp))  # megatron's expert groups span tp: tp·dp = etp·ep·expert-dp
     stages = pp * par.pp_virtual
     tokens = train.micro_batch * train.seq_len
-    act_bytes = 4.0 if train.dtype == "fp32" else 2.5
+    compute_bytes = 4 if train.dtype == "fp32" else 2
+    mixed = train.dtype == "bf16" or train.optimizer_offload != "none"
+    offload = train.optimizer_offload != "none"
     tables = m.kv_heads if m.fope_sep_head else 1
     fope = 2 * tables * kept_frequency_count(m.head_dim, m.rope_theta, m.max_positions) ** 2 \
         if m.pos_emb == "fope" and m.fope_trainable else 0  # buffers (as released) have no grads or AdamW state
@@ -170,35 +206,59 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
         dense: list[tuple[int, bool]] = [(m.vocab_size * m.hidden // tp, True)] if rank == 0 else []
         dense += [(fope // 2, False)] * 2 if fope else []
         experts: list[tuple[int, bool]] = []
-        act = 2 if rank == 0 else 0  # token ids (int64)
+        fp32_act, compute_act = (2.0 if rank == 0 else 0.0), 0.0  # token ids (int64)
+        routers = 0
         for i in layer_ids:
             moe_layer = i >= m.moe.dense_layers
             layer_dense, layer_experts = layer_parameters(cfg, moe_layer)
             dense += layer_dense
             experts += layer_experts
-            act += activation_elements_per_token(cfg, moe_layer, layer_recompute(cfg, i))
+            routers += m.moe.num_experts * m.hidden if moe_layer else 0
+            f, c = activation_split(cfg, moe_layer, layer_recompute(cfg, i))
+            fp32_act, compute_act = fp32_act + f, compute_act + c
         if rank == pp - 1:
             dense += [(m.hidden, False), (m.vocab_size * m.hidden // tp, True)]
-            act += (3 * m.hidden + 1) * (1 / tp if par.sequence_parallel else 1) + 2 + m.vocab_size // tp
+            held = 1 / tp if par.sequence_parallel else 1
+            fp32_act += (2 * m.hidden + 1) * held + 2 + m.vocab_size // tp  # final norm, labels, fp32 logits
+            compute_act += m.hidden * held  # the head's input
         s.dense_params, s.expert_params = sum(n for n, _ in dense), sum(n for n, _ in experts)
-        s.params_bytes = s.grads_bytes = 4 * (s.dense_params + s.expert_params)
-        dense_adam = zero_adam_bytes(dense, dp if par.zero else 1)
-        expert_adam = zero_adam_bytes(experts, expert_dp if par.zero else 1)
+        total = s.dense_params + s.expert_params
+        kept = sum(n for n, decayed in dense + experts if not decayed) + routers  # stay fp32 under bf16
+        s.params_bytes = 4 * total if train.dtype == "fp32" else 2 * (total - kept) + 4 * kept
+        s.grads_bytes = (2 if mixed and par.grad_reduce_dtype == "bf16" else 4) * total
+        if mixed:
+            dense_opt = master_bytes(dense, dp if par.zero else 1, 12)
+            expert_opt = master_bytes(experts, expert_dp if par.zero else 1, 12)
+        else:
+            dense_opt = zero_adam_bytes(dense, dp if par.zero else 1)
+            expert_opt = zero_adam_bytes(experts, expert_dp if par.zero else 1)
         # megatron's rank order: tp fastest (dp rank r // tp); etp, ep, then expert-dp (rank r // (etp·ep))
-        s.optimizer_bytes_per_rank = [dense_adam[r // tp if par.zero else 0] +
-                                      expert_adam[r // (ep * etp) if par.zero else 0] for r in range(tp * dp)]
+        per_rank = [dense_opt[r // tp if par.zero else 0] + expert_opt[r // (ep * etp) if par.zero else 0]
+                    for r in range(tp * dp)]
+        if offload:  # on the host, with an fp32 copy of each owned gradient: 16 bytes per element
+            dense_host = master_bytes(dense, dp if par.zero else 1, 16)
+            expert_host = master_bytes(experts, expert_dp if par.zero else 1, 16)
+            s.host_bytes_per_rank = [dense_host[r // tp if par.zero else 0] +
+                                     expert_host[r // (ep * etp) if par.zero else 0] for r in range(tp * dp)]
+            per_rank = [0] * len(per_rank)
+        s.optimizer_bytes_per_rank = per_rank
         s.optimizer_bytes = max(s.optimizer_bytes_per_rank)
         recomputed = [i for i in layer_ids if layer_recompute(cfg, i) != "none"]
-        act += rotary_elements_per_token(cfg)  # computed once per stage, read by every layer
-        s.activation_bytes_per_microbatch = int(act * tokens * act_bytes)
+        # computed once per stage, read by every layer; FoPE's tables come out of a matmul (compute dtype)
+        if m.pos_emb == "fope":
+            compute_act += rotary_elements_per_token(cfg)
+        else:
+            fp32_act += rotary_elements_per_token(cfg)
+        s.activation_bytes_per_microbatch = int((4 * fp32_act + compute_bytes * compute_act) * tokens)
         rebuilt = 0.0
         if train.recompute == "full" and recomputed:
-            rebuilt = max(activation_elements_per_token(cfg, i >= m.moe.dense_layers, "none") for i in recomputed)
+            rebuilt = max(4 * f + compute_bytes * c for f, c in
+                          (activation_split(cfg, i >= m.moe.dense_layers, "none") for i in recomputed))
         elif train.recompute == "selective" and any(i >= m.moe.dense_layers for i in recomputed):
-            rebuilt = swiglu_elements_per_token(cfg)
-        s.recompute_transient_bytes = int(rebuilt * tokens * act_bytes)
+            rebuilt = compute_bytes * swiglu_elements_per_token(cfg)
+        s.recompute_transient_bytes = int(rebuilt * tokens)
         s.microbatches_in_flight = min(pp - rank, max(1, train.global_batch // (train.micro_batch * dp)))
         if ep > 1:  # dispatch send + receive buffers of one MoE layer: tokens·K rows of H each way
-            s.alltoall_buffer_bytes = int(2 * tokens * m.moe.top_k * m.hidden * act_bytes)
+            s.alltoall_buffer_bytes = int(2 * tokens * m.moe.top_k * m.hidden * compute_bytes)
         plan.stages.append(s)
     return plan

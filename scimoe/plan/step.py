@@ -2,8 +2,10 @@
 
 Tested by `python -m pytest tests/plan/test_planner.py`. Volumes are the bytes one rank sends per
 optimizer step (ring all-reduce moves 2·(n−1)/n of the buffer, all-gather and all-to-all (n−1)/n):
-- dp gradient all-reduce of the dense gradients (fp32), and of the expert gradients over expert-dp;
-- ZeRO-1 parameter broadcast after the step ((n−1)/n of the fp32 parameters);
+- dp gradient all-reduce of the dense gradients (fp32, or parallel.grad_reduce_dtype under bf16), and of the
+  expert gradients over expert-dp;
+- ZeRO-1 parameter broadcast after the step ((n−1)/n of the parameters, in their dtype: bf16 matrices under
+  train.dtype=bf16, whose owners broadcast the updated weights);
 - tp: per layer and micro-batch, 2 all-reduces of the [tokens, H] activations forward and 2 backward,
   plus the embedding and LM-head collectives;
 - ep: per MoE layer and micro-batch, dispatch + combine forward and their transposes backward, each
@@ -11,8 +13,12 @@ optimizer step (ring all-reduce moves 2·(n−1)/n of the buffer, all-gather and
 - pp: per micro-batch and stage boundary, the [tokens, H] activation forward and its gradient backward.
 Time: compute = model FLOPs / (peak × `matmul_efficiency`), stretched by the 1F1B bubble
 (pp−1)/(v·m + pp − 1) for m micro-batches and v virtual stages; tp and ep traffic is on the critical
-path, intra-node over NVLink when the group fits in a node, else the network; the dp/ZeRO traffic runs
-after the backward (scimoe does not overlap it yet) over the network when dp spans nodes. Recomputation
+path, intra-node over NVLink when the group fits in a node, else the network; the dp traffic runs over the
+network when dp spans nodes and, with parallel.overlap_grad_reduce, hides behind the backward (two thirds of
+the compute) except its last bucket; the ZeRO broadcast follows the step. Optimizer offload adds the
+gradient copies to the host and the weights back over PCIe, and DeepSpeed's CPU Adam at
+`HOST_ADAM_PARAMS_PER_S` per GPU (measured 0.43 G params/s per core here; 8 cores per GPU, and host memory
+bandwidth, ~28 bytes per parameter, caps it near that). Recomputation
 adds its second forward to the device's work (not to the model FLOPs MFU counts): `full` one forward of
 every layer (a third of the training FLOPs), `selective` the experts' gate/up matmuls and the attention
 core (and its repeated collectives are not modelled).
@@ -25,6 +31,8 @@ from scimoe.config import Config
 from scimoe.launch.hardware import ACCELERATORS, peak_tflops
 from scimoe.model.counting import training_flops_per_token
 from scimoe.plan.memory import MemoryPlan
+
+HOST_ADAM_PARAMS_PER_S = 1.5e9
 
 
 @dataclass
@@ -67,9 +75,13 @@ def plan_step(cfg: Config, memory: MemoryPlan, world: int, matmul_efficiency: fl
     moe_layers = len([i for i in range(worst.layers.start, worst.layers.stop) if i >= m.moe.dense_layers])
     ring = lambda n: 2 * (n - 1) / n if n > 1 else 0.0  # noqa: E731
     share = lambda n: (n - 1) / n if n > 1 else 0.0  # noqa: E731
+    mixed = train.dtype == "bf16" or train.optimizer_offload != "none"
+    grad = 2 if mixed and par.grad_reduce_dtype == "bf16" else 4
+    weight = 2 if train.dtype == "bf16" else 4
     comm = {
-        "dp": 4 * worst.dense_params * ring(dp) + 4 * worst.expert_params * ring(expert_dp),
-        "zero": (4 * worst.dense_params * share(dp) + 4 * worst.expert_params * share(expert_dp)) if par.zero else 0.0,
+        "dp": grad * worst.dense_params * ring(dp) + grad * worst.expert_params * ring(expert_dp),
+        "zero": (weight * worst.dense_params * share(dp) + weight * worst.expert_params * share(expert_dp))
+        if par.zero else 0.0,
         "tp": micro * (4 * layers + 4) * tokens * m.hidden * act * ring(tp),
         "ep": micro * moe_layers * 4 * tokens * m.moe.top_k * m.hidden * act * share(ep) / (tp if tp > 1 else 1),
         "pp": micro * 2 * tokens * m.hidden * act if pp > 1 else 0.0,
@@ -87,6 +99,13 @@ def plan_step(cfg: Config, memory: MemoryPlan, world: int, matmul_efficiency: fl
     flops_per_rank = training_flops_per_token(m, train.seq_len) * train.global_batch * train.seq_len / world
     compute_s = (flops_per_rank + recompute_flops_per_token(cfg) * train.global_batch * train.seq_len / world) \
         / (peak_tflops(cluster) * 1e12 * matmul_efficiency)
+    if par.overlap_grad_reduce and comm_s["dp"] > 0:
+        buckets = max(1.0, grad * (worst.dense_params + worst.expert_params) / (par.grad_bucket_mb * 2**20))
+        comm_s["dp"] = max(comm_s["dp"] - 2 / 3 * compute_s, comm_s["dp"] / buckets)
+    if train.optimizer_offload != "none":  # this rank's owned share: gradients down, weights up, and the host step
+        owned = max(worst.host_bytes_per_rank) / 16  # host bytes are 16 per owned element
+        comm["offload"] = owned * (4 + weight)
+        comm_s["offload"] = comm["offload"] / (gpu.pcie_gbps * 1e9) + owned / HOST_ADAM_PARAMS_PER_S
     bubble = (pp - 1) / (par.pp_virtual * micro + pp - 1) if pp > 1 else 0.0
     step_s = compute_s / (1 - bubble) + sum(comm_s.values())
     mfu = flops_per_rank / (step_s * peak_tflops(cluster) * 1e12)

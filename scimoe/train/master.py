@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from scimoe.config import TrainConfig
+from scimoe.config import ConfigError, TrainConfig
 from scimoe.parallel.grad_buckets import param_grad
 from scimoe.train.optim import lr_at, param_groups
 
@@ -59,6 +59,15 @@ def load_cpu_adam():
     from deepspeed.ops.op_builder import CPUAdamBuilder
 
     return CPUAdamBuilder().load()
+
+
+def cpu_adam_available() -> bool:
+    """Whether DeepSpeed's cpu_adam op builds and loads here (tests that need it skip, saying so, when not)."""
+    try:
+        load_cpu_adam()
+        return True
+    except Exception:  # noqa: BLE001 - any build or load failure means: not available
+        return False
 
 
 class MasterOptimizer:
@@ -98,7 +107,12 @@ class MasterOptimizer:
         if offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            self.inner = DeepSpeedCPUAdam(groups or [{"params": []}], adamw_mode=True, **kwargs)
+            try:
+                self.inner = DeepSpeedCPUAdam(groups or [{"params": []}], adamw_mode=True, **kwargs)
+            except RuntimeError as err:
+                raise ConfigError(f"config error at 'train.optimizer_offload': DeepSpeed's cpu_adam op could not be "
+                                  f"built or loaded ({err.__cause__ or err}); it needs a C++ compiler (g++) and ninja: "
+                                  "run `make setup`, or set train.optimizer_offload=none") from err
         else:
             self.inner = torch.optim.AdamW(groups or [{"params": []}], foreach=True, **kwargs)
         self.of_master = {id(m): p for p in self.params.values() for m in [self.masters[id(p)]]}

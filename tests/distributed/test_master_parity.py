@@ -11,7 +11,7 @@ from scimoe.train import checkpoint
 from scimoe.train.pretrain import pretrain
 from tests.distributed.parity_config import parity_config
 from tests.distributed.test_parity import launch
-from tests.train.test_master import checkpoint_tensors
+from tests.train.test_master import checkpoint_tensors, needs_cpu_adam
 
 pytestmark = pytest.mark.distributed
 STEPS = 4
@@ -21,6 +21,7 @@ STEPS = 4
 BF16_TOL = 1e-5
 
 
+@needs_cpu_adam
 def test_bf16_masters_train_in_tp_ep_and_pp_layouts_and_move_between_them_exactly(tmp_path):
     cfg = parity_config(micro_batch=4)  # two micro-batches a step, as each of the layouts' 2 data-parallel ranks
     cfg.train.steps = STEPS

@@ -143,7 +143,10 @@ def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference
                 "resume_step": RESUME_AT}]
     memory = [{"name": "mem_dp2"}, {"name": "mem_ep2", "ep": 2}, {"name": "mem_tp2", "tp": 2},
               {"name": "mem_pp2", "pp": 2}, {"name": "mem_tp2_sp", "tp": 2, "sp": True},
-              {"name": "mem_tp2_etp2", "tp": 2, "etp": 2}, {"name": "mem_tp2_sp_etp2", "tp": 2, "etp": 2, "sp": True}]
+              {"name": "mem_tp2_etp2", "tp": 2, "etp": 2}, {"name": "mem_tp2_sp_etp2", "tp": 2, "etp": 2, "sp": True},
+              {"name": "mem_ep2_bf16", "ep": 2, "dtype": "bf16"},
+              {"name": "mem_tp2_sp_bf16_selective", "tp": 2, "sp": True, "dtype": "bf16", "recompute": "selective"},
+              {"name": "mem_pp2_bf16_full", "pp": 2, "dtype": "bf16", "recompute": "full"}]
     out = launch(2, {"parity": dict(reference, layouts=layouts), "dispatch": True, "grad_norm": True,
                      "memory": {"workdir": str(tmp_path), "layouts": memory}}, tmp_path)
     for name, ranks in out["memory"].items():  # the capacity planner against what these ranks allocated
@@ -193,7 +196,9 @@ def test_four_rank_layouts_match_single_process(reference, tmp_path):
                {"name": "tp2xep2_sp_etp2", "tp": 2, "ep": 2, "sp": True, "etp": 2, "micro_batch": GLOBAL_BATCH // 4}]
     memory = [{"name": "mem_ep2xdp2", "ep": 2}, {"name": "mem_tp2xep2", "tp": 2, "ep": 2},
               {"name": "mem_tp2xep2_etp2", "tp": 2, "ep": 2, "etp": 2},
-              {"name": "mem_pp2xdp2_zero0", "pp": 2, "zero": 0}]
+              {"name": "mem_pp2xdp2_zero0", "pp": 2, "zero": 0},
+              {"name": "mem_tp2xep2_bf16_offload", "tp": 2, "ep": 2, "dtype": "bf16", "offload": "cpu"},
+              {"name": "mem_ep2xdp2_bf16_grad16", "ep": 2, "dtype": "bf16", "grad_reduce": "bf16"}]
     out = launch(4, {"parity": dict(reference, layouts=layouts), "dispatch": True,
                      "memory": {"workdir": str(tmp_path), "layouts": memory}}, tmp_path)
     for name, ranks in out["memory"].items():

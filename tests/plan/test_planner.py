@@ -15,7 +15,7 @@ BIG = ["model=intern_s1_pro", "cluster.gpu=h200", "train.seq_len=4096", "train.m
 def test_a_fitting_layout_is_reported_with_every_memory_term(capsys):
     main(["parallel.tp=4", "parallel.pp=16", "parallel.ep=8", "parallel.sequence_parallel=true", "cluster.gpus=512", *BIG])
     out = capsys.readouterr().out  # returned normally: exit status 0
-    for term in ("parameters (fp32)", "gradients (fp32)", "AdamW state (ZeRO-1)", "activations", "train.recompute=none",
+    for term in ("parameters (bf16)", "gradients (fp32)", "fp32 masters + AdamW (ZeRO-1)", "activations", "train.recompute=none",
                  "all-to-all buffers", ": fits", "MFU"):
         assert term in out, term
     for kind in ("dp", "zero", "tp", "ep", "pp"):
@@ -27,7 +27,7 @@ def test_a_layout_that_does_not_fit_gets_the_smallest_one_that_does(capsys):
         main(["parallel.tp=4", "parallel.pp=4", "parallel.ep=8", "cluster.gpus=512", *BIG])
     out = capsys.readouterr().out
     assert stop.value.code == 1
-    assert "DOES NOT FIT" in out and "smallest layout that fits: parallel.tp=4 parallel.pp=32 parallel.ep=4" in out
+    assert "DOES NOT FIT" in out and "smallest layout that fits: parallel.tp=1 parallel.pp=16 parallel.ep=4" in out
 
 
 def test_recomputation_shrinks_what_is_saved_and_the_suggestion_uses_it(capsys):

@@ -131,6 +131,8 @@ def describe(plan: Plan) -> str:
         *([f"  recomputed in the backward  {_gib(worst.recompute_transient_bytes)}   (one block at a time)"]
           if cfg.train.recompute != "none" else []),
         f"  all-to-all buffers          {_gib(worst.alltoall_buffer_bytes)}",
+        f"  optimizer step temporaries  {_gib(worst.step_transient_bytes)}   (after the backward: the peak takes the "
+        f"larger of this and the three lines above)",
         f"  total                       {_gib(worst.total())}   of {gpu.memory_gib:.0f} GiB ({HEADROOM:.0%} usable): "
         + ("fits" if plan.fits() else "DOES NOT FIT"),
         "communication per GPU per step:",

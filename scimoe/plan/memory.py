@@ -55,16 +55,30 @@ class StageMemory:
     """Activations one recomputed block rebuilds during the backward (0 without recomputation)."""
     microbatches_in_flight: int = 1
     alltoall_buffer_bytes: int = 0
+    step_transient_bytes: int = 0
+    """What the optimizer step allocates for a moment (the fullest rank): torch's foreach AdamW makes an fp32
+    temporary per owned element, bf16 buckets an fp32 copy of the owned gradients, and each owner's
+    broadcast a flat copy of its updated weights. Activations are gone by then, so the peak is the larger."""
     optimizer_bytes_per_rank: list[int] = field(default_factory=list)
     """Optimizer bytes on the device of each rank of the stage, in global rank order (AdamW moments, plus the
     fp32 masters under mixed precision; ZeRO-1 shards whole tensors, unevenly; 0 under offload)."""
     host_bytes_per_rank: list[int] = field(default_factory=list)
     """Host memory each rank's offloaded optimizer holds (masters, moments, gradient copies); 0 without offload."""
+    host_resident_bytes_per_rank: list[int] = field(default_factory=list)
+    """The part of host_bytes_per_rank that stays between steps (masters and moments)."""
 
     def total(self) -> int:
-        return (self.params_bytes + self.grads_bytes + self.optimizer_bytes
-                + self.activation_bytes_per_microbatch * self.microbatches_in_flight + self.recompute_transient_bytes
-                + self.alltoall_buffer_bytes)
+        """The fullest rank's peak bytes on the device."""
+        return self.total_on_rank(self.optimizer_bytes_per_rank.index(self.optimizer_bytes)
+                                  if self.optimizer_bytes_per_rank else 0)
+
+    def total_on_rank(self, r: int) -> int:
+        """Peak device bytes of the stage's rank `r` (its place in the stage, global rank order): the state, plus
+        the larger of the backward's activations and the optimizer step's temporaries."""
+        backward = (self.activation_bytes_per_microbatch * self.microbatches_in_flight + self.recompute_transient_bytes
+                    + self.alltoall_buffer_bytes)
+        optimizer = self.optimizer_bytes_per_rank[r] if self.optimizer_bytes_per_rank else self.optimizer_bytes
+        return self.params_bytes + self.grads_bytes + optimizer + max(backward, self.step_transient_bytes)
 
 
 @dataclass
@@ -93,27 +107,27 @@ def layer_parameters(cfg: Config, moe_layer: bool) -> tuple[list[tuple[int, bool
     return (dense + shared, experts) if ep > 1 else (dense + experts + shared, [])  # ep=1: experts reduce over dp
 
 
-def zero_adam_bytes(params: list[tuple[int, bool]], ranks: int) -> list[int]:
+def zero_adam_bytes(params: list[tuple[int, bool]], ranks: int, per_element: int = 8, per_tensor: int = 4) -> list[int]:
     """AdamW bytes (exp_avg, exp_avg_sq, fp32 step) each of `ranks` ranks holds under torch's
     ZeroRedundancyOptimizer: decayed parameters first, then the others, each group largest first to the
-    least loaded rank (its algorithm; ranks=1: everything)."""
+    least loaded rank (its algorithm; ranks=1: everything). per_element=1, per_tensor=0: the elements owned."""
     sizes, adam = [0] * ranks, [0] * ranks
     for decay in (True, False):
         for numel in sorted((n for n, dec in params if dec == decay), reverse=True):
             chosen = sizes.index(min(sizes))
             sizes[chosen] += numel
-            adam[chosen] += 8 * numel + 4
+            adam[chosen] += per_element * numel + per_tensor
     return adam
 
 
-def master_bytes(params: list[tuple[int, bool]], ranks: int, per_element: int) -> list[int]:
+def master_bytes(params: list[tuple[int, bool]], ranks: int, per_element: int, per_tensor: int = 4) -> list[int]:
     """Bytes each of `ranks` ranks holds for the parameters it owns under scimoe/train/master.py's partition
     (every parameter, largest first, to the least loaded rank): `per_element` per element + a 4-byte step."""
     load, held = [0] * ranks, [0] * ranks
     for numel in sorted((n for n, _ in params), reverse=True):
         chosen = load.index(min(load))
         load[chosen] += numel
-        held[chosen] += per_element * numel + 4
+        held[chosen] += per_element * numel + per_tensor
     return held
 
 
@@ -235,11 +249,21 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
         # megatron's rank order: tp fastest (dp rank r // tp); etp, ep, then expert-dp (rank r // (etp·ep))
         per_rank = [dense_opt[r // tp if par.zero else 0] + expert_opt[r // (ep * etp) if par.zero else 0]
                     for r in range(tp * dp)]
+        dense_ranks, expert_ranks = (dp if par.zero else 1), (expert_dp if par.zero else 1)
+        owning = master_bytes if mixed else zero_adam_bytes
+        dense_owned, expert_owned = owning(dense, dense_ranks, 1, 0), owning(experts, expert_ranks, 1, 0)
+        owned = max(dense_owned[r // tp if par.zero else 0] + expert_owned[r // (ep * etp) if par.zero else 0]
+                    for r in range(tp * dp))
+        if not offload:
+            weight_bytes = 2 if train.dtype == "bf16" else 4
+            s.step_transient_bytes = 4 * owned + (4 * owned if mixed and par.grad_reduce_dtype == "bf16" else 0) \
+                + (weight_bytes * owned if mixed and max(dense_ranks, expert_ranks) > 1 else 0)
         if offload:  # on the host, with an fp32 copy of each owned gradient: 16 bytes per element
             dense_host = master_bytes(dense, dp if par.zero else 1, 16)
             expert_host = master_bytes(experts, expert_dp if par.zero else 1, 16)
             s.host_bytes_per_rank = [dense_host[r // tp if par.zero else 0] +
                                      expert_host[r // (ep * etp) if par.zero else 0] for r in range(tp * dp)]
+            s.host_resident_bytes_per_rank = per_rank  # masters and moments, without the step's gradient copies
             per_rank = [0] * len(per_rank)
         s.optimizer_bytes_per_rank = per_rank
         s.optimizer_bytes = max(s.optimizer_bytes_per_rank)

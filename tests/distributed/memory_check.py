@@ -1,9 +1,11 @@
 """What a rank really allocates vs `scimoe.plan.memory`: parameters, gradients and AdamW state in bytes
-(exact) and the bytes autograd saves for the backward of one micro-batch (activations, within 10%).
+(exact), the bytes autograd saves for the backward of one micro-batch (activations, within 10%) and the peak
+of a whole step as torch's MemTracker sees it (within 10% under mixed precision).
 Used in-process by tests/plan/test_memory_plan.py and per rank by tests/distributed/worker.py."""
 from __future__ import annotations
 
 import torch
+from torch.distributed._tools.mem_tracker import MemTracker
 
 from scimoe.config import Config
 from scimoe.data.loader import StepLoader
@@ -29,9 +31,10 @@ def measure(cfg: Config, dims: ParallelDims, run_dir: str) -> dict:
     model = build_model(cfg.model, seed=cfg.train.seed)
     model.set_recompute(cfg.train.recompute, cfg.train.recompute_layers)
     chunks = parallelize(model, dims)
-    if cfg.train.mixed:  # as Session builds it: buckets, masters from the fp32 init, then the cast
-        install_grad_buckets(model, dims, cfg.parallel.grad_bucket_mb, False, True,
-                             torch.bfloat16 if cfg.parallel.grad_reduce_dtype == "bf16" else torch.float32)
+    # as Session builds it: gradient buckets; under mixed precision masters from the fp32 init, then the cast
+    install_grad_buckets(model, dims, cfg.parallel.grad_bucket_mb, False, cfg.train.mixed,
+                         torch.bfloat16 if cfg.parallel.grad_reduce_dtype == "bf16" else torch.float32)
+    if cfg.train.mixed:
         optimizer = MasterOptimizer(model, cfg.train, master_shards(model, dims, cfg.parallel.zero),
                                     offload=cfg.train.optimizer_offload == "cpu")
         if cfg.train.dtype == "bf16":
@@ -82,11 +85,30 @@ def measure(cfg: Config, dims: ParallelDims, run_dir: str) -> dict:
     host = 0
     if cfg.train.optimizer_offload == "cpu":  # what lives in host memory, with the gradient copies the step makes
         host, adam = adam + _tensor_bytes(step_grads), 0
+    optimizer.zero_grad()
+    if model.grad_buckets is not None:
+        model.grad_buckets.zero()
+    # The peak of a whole step (forward, backward, reductions, optimizer): torch's MemTracker follows every tensor
+    # storage from here on; what exists already (weights, buckets, optimizer state) is registered with it.
+    tracker = MemTracker()
+    tracker.track_external(model, *optimizer.local_optimizers(), *getattr(optimizer, "masters", {}).values(),
+                           *(b.buffer for b in (model.grad_buckets.buckets if model.grad_buckets else [])))
+    with tracker:
+        forward_backward(model, chunks, loader.next_step(), labels, dims, cfg.train.dtype)
+        sync_grads(model, dims)
+        optimizer.step()
+    peak = sum(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
     stage = plan_memory(cfg, dims.world_size).stages[dims.groups.pp_rank]
+    place = dims.rank % (dims.tp * dims.dp)
+    planned_peak = stage.total_on_rank(place)
+    if cfg.train.optimizer_offload == "cpu":  # host and device are one memory here, and the "copy" of a gradient
+        # to the host is the bucket itself: the offloaded masters and moments add to the peak, nothing else
+        planned_peak += stage.host_resident_bytes_per_rank[place]
     return {
         "params": _tensor_bytes(model.parameters()), "planned_params": stage.params_bytes,
         "grads": grads, "planned_grads": stage.grads_bytes,
         "optimizer": adam, "planned_optimizer": stage.optimizer_bytes_per_rank[dims.rank % (dims.tp * dims.dp)],
         "host": host, "planned_host": (stage.host_bytes_per_rank or [0] * (dims.tp * dims.dp))[dims.rank % (dims.tp * dims.dp)],
         "activations": sum(saved.values()), "planned_activations": stage.activation_bytes_per_microbatch,
+        "peak": peak, "planned_peak": planned_peak, "mixed": cfg.train.mixed,
     }

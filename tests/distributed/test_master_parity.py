@@ -34,6 +34,8 @@ def test_bf16_masters_train_in_tp_ep_and_pp_layouts_and_move_between_them_exactl
                {"name": "pp2", "pp": 2, "dtype": "bf16", "steps": STEPS,
                 "resave_from": f"tp2xep2/checkpoints/step_{2:08d}"},
                {"name": "tp2xep2_zero0", "tp": 2, "ep": 2, "dtype": "bf16", "steps": 1, "zero": 0},
+               {"name": "ep2_fp32_zero0", "ep": 2, "steps": 2, "zero": 0,  # resumes at its last step: no training
+                "resave_from": f"tp2xep2/checkpoints/step_{2:08d}"},
                {"name": "ep2xdp2", "ep": 2, "steps": STEPS},  # dp 4: one micro-batch a step
                {"name": "ep2xdp2_offload", "ep": 2, "steps": STEPS, "offload": "cpu"}]
     out = launch(4, {"master": {"initial_weights": str(tmp_path / "initial.safetensors"), "workdir": str(tmp_path),
@@ -48,7 +50,10 @@ def test_bf16_masters_train_in_tp_ep_and_pp_layouts_and_move_between_them_exactl
     loaded = checkpoint_tensors(checkpoint.step_dir(str(tmp_path / "pp2_resaved"), 2))
     assert loaded.keys() == saved.keys() and any(k.endswith("::exp_avg") for k in saved)
     assert [k for k in saved if not (saved[k] == loaded[k]).all()] == []
-    # ... and continues from there like the run that saved them.
+    # ... and so did an fp32 run without ZeRO in another layout (the masters become its weights)
+    again = checkpoint_tensors(checkpoint.step_dir(str(tmp_path / "ep2_fp32_zero0_resaved"), 2))
+    assert again.keys() == saved.keys() and [k for k in saved if not (saved[k] == again[k]).all()] == []
+    # ... and the pipeline layout continues from there like the run that saved them.
     for got, want in zip(out["pp2"]["losses"], tp_ep[2:]):
         assert got == pytest.approx(want, rel=BF16_TOL)
     assert len(out["pp2"]["losses"]) == 2

@@ -91,7 +91,8 @@ def measure(cfg: Config, dims: ParallelDims, run_dir: str) -> dict:
     # The peak of a whole step (forward, backward, reductions, optimizer): torch's MemTracker follows every tensor
     # storage from here on; what exists already (weights, buckets, optimizer state) is registered with it.
     tracker = MemTracker()
-    tracker.track_external(model, *optimizer.local_optimizers(), *getattr(optimizer, "masters", {}).values(),
+    state = [t for o in optimizer.local_optimizers() for st in o.state.values() for t in st.values() if torch.is_tensor(t)]
+    tracker.track_external(model, *state, *getattr(optimizer, "masters", {}).values(),
                            *(b.buffer for b in (model.grad_buckets.buckets if model.grad_buckets else [])))
     with tracker:
         forward_backward(model, chunks, loader.next_step(), labels, dims, cfg.train.dtype)

@@ -115,7 +115,6 @@ class MasterOptimizer:
                                   "run `make setup`, or set train.optimizer_offload=none") from err
         else:
             self.inner = torch.optim.AdamW(groups or [{"params": []}], foreach=True, **kwargs)
-        self.of_master = {id(m): p for p in self.params.values() for m in [self.masters[id(p)]]}
 
     def set_lr(self, lr: float) -> None:
         self.lr = lr

@@ -8,18 +8,17 @@ writes SPEC's `out` JSON; the test compares with one process.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from safetensors.torch import load_file  # noqa: E402
 
 from scimoe.config import compose_config  # noqa: E402
+from tests.distributed.launching import report, start  # noqa: E402
 from scimoe.model import build_model  # noqa: E402
 from scimoe.parallel.dims import ParallelDims  # noqa: E402
 from scimoe.parallel.parallelize import parallelize  # noqa: E402
@@ -83,19 +82,13 @@ def run_grpo(spec: dict, rank: int, world: int) -> dict:
 
 
 def main() -> None:
-    spec = json.load(open(sys.argv[1]))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.set_num_threads(1)
+    spec, rank, world = start()
     results = {}
     if "generate" in spec:
         results["generate"] = run_generation(spec["generate"], rank, world)
     if "grpo" in spec:
         results["grpo"] = run_grpo(spec["grpo"], rank, world)
-    if rank == 0:
-        with open(spec["out"], "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    report(spec, rank, results)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,15 @@ the seed (the whole model on every rank). Rank 0 writes SPEC's `out` JSON.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from scimoe.parallel.dims import ParallelDims  # noqa: E402
+from tests.distributed.launching import report, start  # noqa: E402
 from scimoe.train.pretrain import pretrain  # noqa: E402
 from scimoe.train.session import Session  # noqa: E402
 from tests.distributed.test_hf_load import hf_run_config  # noqa: E402
@@ -85,15 +84,9 @@ def run_released(spec: dict, rank: int, world: int) -> dict:
 
 
 def main() -> None:
-    spec = json.load(open(sys.argv[1]))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.set_num_threads(1)
+    spec, rank, world = start()
     results = run_released(spec, rank, world) if spec.get("released") else run(spec, rank, world)
-    if rank == 0:
-        with open(spec["out"], "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    report(spec, rank, results)
 
 
 if __name__ == "__main__":

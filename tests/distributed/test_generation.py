@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,22 +16,15 @@ from safetensors.torch import save_file
 
 from scimoe.model import build_model
 from scimoe.parallel.dims import ParallelDims
+from tests.distributed import launching
 from tests.distributed.generation_worker import MODES, generate, generation_config, run_grpo
 
 WORKER = os.path.join(os.path.dirname(__file__), "generation_worker.py")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.distributed
 
 
 def launch(nproc: int, spec: dict, tmp) -> dict:
-    spec = dict(spec, out=str(tmp / f"out{nproc}.json"))
-    path = tmp / f"spec{nproc}.json"
-    path.write_text(json.dumps(spec))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, WANDB_MODE="offline")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           WORKER, str(path)], capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads((tmp / f"out{nproc}.json").read_text())
+    return launching.launch(WORKER, nproc, spec, tmp)
 
 
 @pytest.fixture(scope="module")

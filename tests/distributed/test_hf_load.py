@@ -7,7 +7,6 @@ writes.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from scimoe.convert import cli
 from scimoe.model import build_model
 from scimoe.train import checkpoint, shards
 from scimoe.train.pretrain import pretrain
+from tests.distributed import launching
 
 WORKER = os.path.join(os.path.dirname(__file__), "hf_worker.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,14 +54,7 @@ def _folder(tmp, model: str) -> str:
 
 
 def launch(nproc: int, spec: dict, tmp) -> dict:
-    spec = dict(spec, out=str(tmp / f"out{nproc}.json"), workdir=str(tmp))
-    path = tmp / f"spec{nproc}.json"
-    path.write_text(json.dumps(spec))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           WORKER, str(path)], capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(path.with_name(f"out{nproc}.json").read_text())
+    return launching.launch(WORKER, nproc, dict(spec, workdir=str(tmp)), tmp)
 
 
 def test_a_tp2_ep2_run_from_a_hf_folder_logs_the_single_process_losses(tmp_path):

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from safetensors.torch import load_file  # noqa: E402
 
-from scimoe.config import Config, LoggerConfig, ModelConfig, TrainConfig  # noqa: E402
+from scimoe.config import Config  # noqa: E402
+from tests.distributed.launching import report, start  # noqa: E402
 from scimoe.model.moe.layer import MoELayer  # noqa: E402
 from scimoe.parallel.dims import ParallelDims  # noqa: E402
 from scimoe.parallel.expert import ParallelMoE, apply_expert_parallel, expert_parameters  # noqa: E402
@@ -335,9 +336,7 @@ def run_memory(spec: dict, rank: int, world: int) -> dict:
 
 
 def main() -> None:
-    spec = json.load(open(sys.argv[1]))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.set_num_threads(1)
+    spec, rank, world = start()
     results = {}
     if "parity" in spec:
         results["parity"] = run_parity(spec["parity"], rank, world)
@@ -355,11 +354,7 @@ def main() -> None:
         results["master"] = run_master(spec["master"], rank, world)
     if spec.get("grad_norm"):
         results["grad_norm"] = run_grad_norm(rank, world)
-    if rank == 0:
-        with open(spec["out"], "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    report(spec, rank, results)
 
 
 if __name__ == "__main__":

@@ -133,12 +133,14 @@ def forward_with_head(model: MoETransformer, chunks: list[PipelineChunk], batch:
         with autocast(dtype):
             out = model(batch["input_ids"], batch["positions"], replay=batch.get("replay"))
         loss, extras = head(out.logits, batch)
-        if backward:
-            (loss + (out.balance_loss + out.z_loss) * aux_scale).backward()
+        if backward:  # the step's only backward: gradient buckets start as they fill
+            with model.grad_buckets.syncing() if model.grad_buckets is not None else contextlib.nullcontext():
+                (loss + (out.balance_loss + out.z_loss) * aux_scale).backward()
         return extras, out.moe
     with autocast(dtype):
         store = pipeline_forward_backward(chunks, [batch], 1, dims.pp, head=head, aux_grad_scale=aux_scale,
-                                          forward_only=not backward)
+                                          forward_only=not backward,
+                                          no_sync=model.grad_buckets.no_sync if model.grad_buckets is not None else None)
     last = (dims.pp * dims.pp_virtual - 1) % dims.pp
     extras = dims.all_gather_object(store[0] if store else None, over="pp")[last]
     return extras, [a for chunk in chunks for auxes in chunk.auxes for a in auxes]

@@ -140,7 +140,7 @@ def forward_with_head(model: MoETransformer, chunks: list[PipelineChunk], batch:
     with autocast(dtype):
         store = pipeline_forward_backward(chunks, [batch], 1, dims.pp, head=head, aux_grad_scale=aux_scale,
                                           forward_only=not backward,
-                                          no_sync=model.grad_buckets.no_sync if model.grad_buckets is not None else None)
+                                          no_sync=model.grad_buckets.no_sync if backward and model.grad_buckets else None)
     last = (dims.pp * dims.pp_virtual - 1) % dims.pp
     extras = dims.all_gather_object(store[0] if store else None, over="pp")[last]
     return extras, [a for chunk in chunks for auxes in chunk.auxes for a in auxes]

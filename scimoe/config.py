@@ -364,6 +364,10 @@ class ParallelConfig:
     """Expert-parallel size."""
     etp: int = 1
     """Expert tensor-parallel size."""
+    cp: int = 1
+    """Context-parallel size: each row is cut into 2·cp chunks and every cp rank holds two of them (load-balanced
+    for causal attention), attention gathers the row's keys and values (scimoe/model/context.py). Needs
+    train.seq_len divisible by 2·cp (by 2·cp·tp with sequence parallelism)."""
     sequence_parallel: bool = False
     """With tp > 1, keep the residual stream, norms and MoE blocks on seq_len/tp positions per tp rank
     (activation memory ÷ tp); attention and the LM head gather the whole sequence."""
@@ -384,7 +388,7 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         _require(self.grad_bucket_mb > 0, "parallel.grad_bucket_mb", "must be positive")
-        for key in ("tp", "pp", "ep", "etp"):
+        for key in ("tp", "pp", "ep", "etp", "cp"):
             _require(getattr(self, key) >= 1, f"parallel.{key}", "must be >= 1")
         _require(self.zero in (0, 1), "parallel.zero", f"must be 0 or 1, got {self.zero}")
         _require(self.grad_reduce_dtype in ("fp32", "bf16"), "parallel.grad_reduce_dtype",

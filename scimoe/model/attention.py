@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scimoe.model.context import ContextDocuments
 from scimoe.model.norm import RMSNorm
 from scimoe.model.recompute import recomputed
 from scimoe.model.rotary import apply_rotary
@@ -120,6 +121,11 @@ class Attention(nn.Module):
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.heads != self.kv_heads
+        if isinstance(docs, ContextDocuments):  # this rank holds chunks of each row (context parallelism)
+            if cache is not None:
+                raise ValueError("generation with a KV cache under context parallelism is not built")
+            out = recomputed(docs.attend, q, k, v, gqa) if self.recompute_core else docs.attend(q, k, v, gqa)
+            return self.o_proj(out.reshape(b, t, self.heads * self.head_dim))
         if docs is not None:
             if cache is not None:
                 raise ValueError("a KV cache extends whole sequences, not packed documents")

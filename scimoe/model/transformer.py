@@ -13,7 +13,8 @@ from torch import nn
 
 from scimoe.config import ModelConfig
 from scimoe.model.communication import LocalText, MoECommunication, TextCommunication
-from scimoe.model.attention import Attention, Documents
+from scimoe.model.attention import Attention
+from scimoe.model.context import LocalContext
 from scimoe.model.recompute import MODES, recomputed
 from scimoe.model.moe.experts import GroupedExperts, SwiGLU
 from scimoe.model.moe.layer import MoEAux, MoELayer
@@ -104,6 +105,9 @@ class MoETransformer(nn.Module):
             self.timeseries.requires_grad_(not t.freeze)
         self.comm: TextCommunication = LocalText()
         """Sequence shards and the LM loss; scimoe.parallel hands in tensor-parallel ones."""
+        self.context = LocalContext()
+        """Which positions of each row this rank holds and how attention reaches the others' keys (context
+        parallelism, scimoe/model/context.py; scimoe.parallel hands in the cp version)."""
         self.grad_buckets = None
         """Data-parallel gradient buckets (scimoe/parallel/grad_buckets.py) when a layout reduces gradients over
         ranks; the step's loop tells them which backward pass is the last. None on one process."""
@@ -199,11 +203,15 @@ class MoETransformer(nn.Module):
             x = x.masked_scatter(slots.unsqueeze(-1), vectors.to(x.dtype))
         return x
 
+    def embed_local(self, input_ids: torch.Tensor, images=None, series=None) -> torch.Tensor:
+        """`embed` of whole rows, cut to the positions this rank holds (its context chunks, its sequence shard)."""
+        return self.comm.split_sequence(self.context.split(self.embed(input_ids, images, series)))
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None,
                 replay: list[torch.Tensor] | None = None, kv_cache: list[dict] | None = None,
                 images: list[torch.Tensor] | None = None, series: list[tuple[torch.Tensor, float]] | None = None) -> ModelOutput:
         """`kv_cache` (generation, one dict per layer): see Attention.forward. `images`, `series`: see embed."""
-        x = self.comm.split_sequence(self.embed(input_ids, images, series))
+        x = self.embed_local(input_ids, images, series)
         x, auxes = self.run_layers(x, positions, range(len(self.layers)), replay, kv_cache=kv_cache)
         logits, loss_sum, label_tokens = self.output(x, labels)
         zero = loss_sum.new_zeros(())
@@ -220,9 +228,9 @@ class MoETransformer(nn.Module):
         `replay[j]` forces the experts of the j-th MoE layer of the whole model. With `aux_grad_scale`
         each MoE layer's balance and z terms are attached to the hidden states, so their gradient (times
         the scale) flows in the backward of the activations; pipeline stages need this because only the
-        last stage owns the loss."""
-        rotary = self.rotary(positions)
-        docs = Documents.from_positions(positions)
+        last stage owns the loss. `positions` are those of whole rows, `x` this rank's part of them."""
+        rotary = self.rotary(self.context.split(positions))
+        docs = self.context.documents(positions)
         auxes: list[MoEAux] = []
         for i in layer_ids:
             moe_index = i - min(i, self.cfg.moe.dense_layers)
@@ -235,10 +243,12 @@ class MoETransformer(nn.Module):
         return x, auxes
 
     def output(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Final norm and LM head; (logits, sum of token losses, label count)."""
+        """Final norm and LM head; (logits, sum of token losses, label count) over this rank's positions of
+        whole-row `labels`."""
         logits = self.lm_head(self.comm.gather_sequence(self.norm(x)))
         loss_sum, label_tokens = logits.new_zeros((), dtype=torch.float32), 0
         if labels is not None:
+            labels = self.context.split(labels)
             loss_sum = self.comm.loss_sum(logits, labels)
             label_tokens = int((labels != -100).sum())
         return logits, loss_sum, label_tokens

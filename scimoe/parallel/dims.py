@@ -1,9 +1,11 @@
-"""ParallelDims: the run's layout (tp, pp, ep, etp, dp, sequence parallelism, pipeline split), its checks,
+"""ParallelDims: the run's layout (tp, pp, cp, ep, etp, dp, sequence parallelism, pipeline split), its checks,
 and, once built, its process groups: the one layout object every part of a run takes.
 
 Tested by `python -m pytest tests/parallel/test_dims.py` (and by every multi-rank test through it).
-Data parallel is what the world size leaves after tp·pp; expert parallel divides the data-parallel ranks
-(Megatron's expert grid). `dims.build_groups()` starts torch.distributed and megatron-core's groups
+Data parallel is what the world size leaves after tp·pp; context parallelism (cp) splits each data-parallel
+replica's rows over cp of those ranks, which otherwise act as data-parallel ones (their gradients, token counts
+and balance statistics are summed with the others: `groups.dp` spans them, like megatron's dp-cp group);
+expert parallel divides the data-parallel ranks (Megatron's expert grid). `dims.build_groups()` starts torch.distributed and megatron-core's groups
 (scimoe/parallel/state.py); the collectives below (`reduce_sum`, `any_rank`, …) are the identity on one
 process, so callers never branch on the layout.
 """
@@ -28,6 +30,8 @@ class ParallelDims:
     pp: int = 1
     ep: int = 1
     etp: int = 1
+    cp: int = 1
+    """Context-parallel size: ranks that each hold 1/cp of every row (scimoe/model/context.py)."""
     sequence_parallel: bool = False
     """Requested; takes effect only with tp > 1 (see `sp`)."""
     pp_virtual: int = 1
@@ -38,10 +42,10 @@ class ParallelDims:
     """The process groups this rank belongs to (empty until `build_groups`, and on one process)."""
 
     def __post_init__(self) -> None:
-        model_parallel = self.tp * self.pp
+        model_parallel = self.tp * self.pp * self.cp
         if self.world_size % model_parallel:
-            raise ConfigError(f"world size {self.world_size} is not divisible by parallel.tp × parallel.pp "
-                             f"({self.tp} × {self.pp})")
+            raise ConfigError(f"world size {self.world_size} is not divisible by parallel.tp × parallel.pp × "
+                             f"parallel.cp ({self.tp} × {self.pp} × {self.cp})")
         if self.etp not in (1, self.tp):
             raise ConfigError(f"parallel.etp ({self.etp}) must be 1 or equal parallel.tp ({self.tp}): each expert is "
                              "split over the ranks that already share its tokens")
@@ -59,7 +63,7 @@ class ParallelDims:
             apply_launcher_env()
             world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
         return cls(world_size=world_size, rank=rank, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep, etp=parallel.etp,
-                   sequence_parallel=parallel.sequence_parallel, pp_virtual=parallel.pp_virtual,
+                   cp=parallel.cp, sequence_parallel=parallel.sequence_parallel, pp_virtual=parallel.pp_virtual,
                    pp_layers=tuple(parallel.pp_layers) if parallel.pp_layers else None)
 
     def build_groups(self) -> "ParallelDims":
@@ -72,8 +76,21 @@ class ParallelDims:
 
     @property
     def dp(self) -> int:
-        """Data-parallel size (replicas of the dense weights)."""
+        """Ranks holding replicas of the dense weights and distinct tokens (data × context parallel)."""
         return self.world_size // (self.tp * self.pp)
+
+    @property
+    def data_parallel(self) -> int:
+        """Data-parallel size proper: replicas that read different rows (dp / cp)."""
+        return self.dp // self.cp
+
+    def context_share(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's positions of whole rows `t` [B, T, …] (all of them without context parallelism)."""
+        if self.cp == 1:
+            return t
+        from scimoe.model.context import chunk_indices
+
+        return t.index_select(1, chunk_indices(t.shape[1], self.cp, self.groups.cp_rank, t.device))
 
     @property
     def expert_dp(self) -> int:
@@ -112,13 +129,23 @@ class ParallelDims:
             raise ConfigError(f"model.moe.n_groups ({n_groups}) and parallel.ep ({self.ep}) must divide one "
                              "another so that router groups map onto expert-parallel ranks")
 
+    def check_sequence(self, seq_len: int) -> None:
+        """Row-length checks of the layout: sequence shards and context chunks must be whole."""
+        if self.cp > 1 and seq_len % (2 * self.cp):
+            raise ConfigError(f"train.seq_len ({seq_len}) must be divisible by 2 × parallel.cp ({2 * self.cp}): "
+                              "context parallelism cuts each row into 2·cp equal chunks")
+        if self.sp and (seq_len // self.cp) % self.tp:
+            raise ConfigError(f"train.seq_len / parallel.cp ({seq_len // self.cp}) must be divisible by parallel.tp "
+                              f"({self.tp}) with sequence parallelism")
+
     def describe(self) -> str:
-        return f"TP{self.tp}-PP{self.pp}-EP{self.ep}-DP{self.dp} rank {self.rank}"
+        cp = f"-CP{self.cp}" if self.cp > 1 else ""
+        return f"TP{self.tp}-PP{self.pp}{cp}-EP{self.ep}-DP{self.data_parallel} rank {self.rank}"
 
     # Collectives over the job's groups; the identity on one process.
 
     def reduce_sum(self, t: torch.Tensor, over: str = "dp") -> torch.Tensor:
-        """Sum of `t` over group `over` (dp, tp, pp, tp_dp, ep, etp, expert_dp or world), on t's device."""
+        """Sum of `t` over group `over` (dp, tp, pp, cp, tp_cp, tp_dp, ep, etp, expert_dp or world), on t's device."""
         group = self._group(over)
         if group is None:
             return t

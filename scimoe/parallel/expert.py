@@ -112,8 +112,11 @@ class ParallelMoE:
         self.share = TokenSplit(g.tp, g.tp_rank, dims.tp) if routes_token_shares(dims) else None
         self.share_parts = dims.tp if self.share else 1
         self.stats_group = "tp_dp" if dims.tokens_split_over_tp else "dp"
-        # Sequence shards without the gather: per-sequence statistics are summed over the tp ranks.
-        self.sequence_group = "tp" if dims.sp and not dims.moe_gathers_sequence else None
+        # Sequence shards without the gather, context chunks: per-sequence statistics are summed over the ranks
+        # holding the sequence's other positions.
+        self.sharded_sequence = dims.sp and not dims.moe_gathers_sequence
+        self.sequence_group = ("tp_cp" if self.sharded_sequence else "cp") if dims.cp > 1 \
+            else ("tp" if self.sharded_sequence else None)
 
     def gather_sequence(self, x: torch.Tensor) -> torch.Tensor:
         return self.sequence.gather(x) if self.sequence else x
@@ -123,7 +126,9 @@ class ParallelMoE:
 
     def own_share(self, tokens: torch.Tensor, replay: torch.Tensor | None):
         if replay is not None:
-            if self.sequence_group:  # this rank holds positions [r·S/tp, (r+1)·S/tp) of each sequence
+            if self.dims.cp > 1:
+                raise ValueError(f"router replay under context parallelism is not built (parallel.cp={self.dims.cp})")
+            if self.sharded_sequence:  # this rank holds positions [r·S/tp, (r+1)·S/tp) of each sequence
                 replay = replay.chunk(self.dims.tp, dim=1)[self.groups.tp_rank]
             replay = replay.reshape(-1, replay.shape[-1])
         if self.share is None:

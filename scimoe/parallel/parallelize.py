@@ -8,7 +8,8 @@ dimensions in one fixed order, each step reading only the model and the layout o
 2. expert parallel, then expert tensor parallel: each rank keeps its experts and its slice of their
    hidden width; DeepSpeed's MoE registry gets the same groups (expert.py, deepspeed_groups.py);
 3. sequence parallel and every exchange the model makes: one communication object for the transformer
-   and one per MoE block (tensor.py's TensorParallelText, expert.py's ParallelMoE);
+   and one per MoE block (tensor.py's TensorParallelText, expert.py's ParallelMoE), and with context
+   parallelism the row chunks and the key/value exchange of attention (context.py);
 4. (activation recomputation: not built yet);
 5. pipeline parallel: the model is stripped to this rank's stages, driven by megatron's schedule (pipeline.py);
 6. data parallel: gradients are summed after the backward and AdamW state is sharded ZeRO-1 style
@@ -38,6 +39,10 @@ def parallelize(model: MoETransformer, dims: ParallelDims) -> list[PipelineChunk
     if dims.ep > 1:
         register_with_deepspeed(dims, expert_parameters(model))
     install_communication(model, dims)
+    if dims.cp > 1:
+        from scimoe.parallel.context import ParallelContext
+
+        model.context = ParallelContext(dims)
     return build_chunks(model, dims) if dims.pp > 1 else []
 
 

@@ -57,7 +57,7 @@ class PipelineChunk(nn.Module):
         """Last stage: this micro-batch's share of the global LM loss, or `head(logits, mb)` → (loss, extras);
         others: hidden states [s, b, h]. `mb["replay"]` (per MoE layer, or None) forces experts."""
         if self.first:
-            x = self.model.comm.split_sequence(self.model.embed(mb["input_ids"], mb.get("images"), mb.get("series")))
+            x = self.model.embed_local(mb["input_ids"], mb.get("images"), mb.get("series"))
         else:
             x = self.input_tensor.transpose(0, 1)
         x, auxes = self.model.run_layers(x, mb["positions"], self.layer_ids, mb.get("replay"),

@@ -63,6 +63,9 @@ class StepStats:
 
 def _check_layout(cfg: Config, dims: ParallelDims) -> None:
     g = cfg.grpo
+    if dims.cp > 1:
+        raise ConfigError(f"config error at 'parallel.cp': recipe=grpo with context parallelism ({dims.cp}) is not "
+                          "built (generation keeps a KV cache of whole sequences); use parallel.cp=1")
     if dims.pp_virtual > 1:
         raise ConfigError("config error at 'parallel.pp_virtual': recipe=grpo updates with one micro-batch per step, "
                           "which megatron's interleaved schedule cannot run; use parallel.pp_virtual=1")

@@ -39,7 +39,7 @@ class PretrainResult:
 def modality_tokens(batches: list[dict], model_cfg, dims: ParallelDims) -> dict[str, int]:
     """Input tokens of the step by modality, summed over data-parallel ranks (padding counts as text; so does a
     placeholder id when its encoder is off, since the model then reads it as a word)."""
-    ids = torch.cat([mb["input_ids"].flatten() for mb in batches])
+    ids = torch.cat([dims.context_share(mb["input_ids"]).flatten() for mb in batches])
     image = int((ids == model_cfg.image_token_id).sum()) if model_cfg.vision.enabled else 0
     ts = int((ids == model_cfg.ts_token_id).sum()) if model_cfg.timeseries.enabled else 0
     counts = dims.reduce_sum(torch.tensor([ids.numel() - image - ts, image, ts]))
@@ -54,7 +54,7 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
     with Session(cfg, run_dir, dims, initial_state) as session:
         dims, model = session.dims, session.model
         loader = StepLoader(build_rows(cfg, run_dir, source), cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seed,
-                            dims.groups.dp_rank, dims.dp)
+                            dims.groups.data_rank, dims.data_parallel)
         state = session.resume()
         if state is not None:
             loader.load_state_dict(state["loader"])

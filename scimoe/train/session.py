@@ -98,6 +98,7 @@ class Session:
         self.cfg, self.run_dir, self.initial_state = cfg, run_dir, initial_state
         dims = dims or ParallelDims.from_config(cfg.parallel)
         dims.check_model(cfg.model.moe.num_experts, cfg.model.layers, cfg.model.moe.n_groups)
+        dims.check_sequence(cfg.train.seq_len)
         self.dims = dims.build_groups()
         os.makedirs(run_dir, exist_ok=True)
         coordinates = gather_coordinates(self.dims)
@@ -189,15 +190,15 @@ class Session:
 
     @property
     def balance_scope(self) -> int:
-        """Sequences each balance statistic is taken over: one micro-batch of every data-parallel rank."""
-        return self.cfg.train.micro_batch * self.dims.dp
+        """Sequences each balance statistic is taken over: one micro-batch of every data-parallel replica."""
+        return self.cfg.train.micro_batch * self.dims.data_parallel
 
     def _check_balance_scope(self, state: dict | None) -> None:
         if self.dims.rank != 0:
             return
         log.info("balance statistics over train.micro_batch × dp = %d × %d = %d sequences per micro-step; "
                  "another layout reproduces this run when that product is the same", self.cfg.train.micro_batch,
-                 self.dims.dp, self.balance_scope)
+                 self.dims.data_parallel, self.balance_scope)
         saved = (state or {}).get("balance_scope")
         if saved is not None and saved != self.balance_scope:
             log.warning("the resumed checkpoint took balance statistics over %d sequences, this run over %d "

@@ -79,8 +79,7 @@ def forward_backward(model: MoETransformer, chunks: list[PipelineChunk], microba
     float64 [3], and per MoE layer (in model order) the expert counts and MoEAux.layer_stats averaged over
     micro-batches."""
     b, s = microbatches[0]["input_ids"].shape
-    if dims.sp and s % dims.tp:
-        raise ValueError(f"train.seq_len ({s}) must be divisible by parallel.tp ({dims.tp}) with sequence parallelism")
+    dims.check_sequence(s)
     if dims.tokens_split_over_tp and not dims.sp and b % dims.tp:
         raise ValueError(f"train.micro_batch ({b}) must be divisible by parallel.tp ({dims.tp}) when tensor "
                          "and expert parallelism are combined")
@@ -167,7 +166,7 @@ def train_step(model: MoETransformer, optimizer, microbatches: list[dict[str, to
                dtype: str = "fp32", dims: ParallelDims = _SINGLE, chunks: list[PipelineChunk] | None = None) -> StepResult:
     """Forward/backward every micro-batch, sync and clip gradients, and step unless non-finite."""
     model.train()
-    local_labels = sum(int((mb["labels"] != -100).sum()) for mb in microbatches)
+    local_labels = sum(int((dims.context_share(mb["labels"]) != -100).sum()) for mb in microbatches)
     label_tokens = int(dims.reduce_sum(torch.tensor(local_labels)))
     totals, counts, stats = forward_backward(model, chunks or [], microbatches, label_tokens, dims, dtype)
     lm_sum, balance, z = dims.reduce_sum(totals).tolist()
@@ -175,8 +174,8 @@ def train_step(model: MoETransformer, optimizer, microbatches: list[dict[str, to
     total = lm_loss + balance + z
     grad_norm, skipped = apply_update(model, optimizer, dims, grad_clip, total)
     counts = [dims.reduce_sum(c) for c in counts]
-    dp = dims.dp  # entropy and bias drift: mean over dp ranks; balance and z: shares of a sum
+    dp = dims.dp  # entropy and bias drift: mean over dp (× cp) ranks; balance and z: shares of a sum
     stats = [dims.reduce_sum(s) * torch.tensor([1.0 / dp, 1.0, 1.0, 1.0 / dp], dtype=torch.float64) for s in stats]
-    tokens = int(dims.reduce_sum(torch.tensor(sum(mb["input_ids"].numel() for mb in microbatches))))
+    tokens = int(dims.reduce_sum(torch.tensor(sum(dims.context_share(mb["input_ids"]).numel() for mb in microbatches))))
     return StepResult(loss=total, lm_loss=lm_loss, balance_loss=balance, z_loss=z, grad_norm=grad_norm,
                       tokens=tokens, skipped=skipped, expert_counts=counts, layer_stats=stats)

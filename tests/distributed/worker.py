@@ -49,6 +49,7 @@ def run_parity(spec: dict, rank: int, world: int) -> dict:
         cfg.parallel.pp_virtual = layout.get("pp_virtual", 1)
         cfg.parallel.sequence_parallel = layout.get("sp", False)
         cfg.parallel.etp = layout.get("etp", 1)
+        cfg.parallel.cp = layout.get("cp", 1)
         cfg.checkpoint.every = layout.get("save_every", 0)
         first = layout.get("resume_step", 0)  # resume another layout's checkpoint at this step
         if first:
@@ -56,7 +57,7 @@ def run_parity(spec: dict, rank: int, world: int) -> dict:
         dims = ParallelDims.from_config(cfg.parallel, world, rank)
         # Balance terms are micro-batch statistics: the union over dp ranks of micro-batch m must be
         # the reference's micro-batch m, or the layouts compute different losses.
-        assert layout["micro_batch"] * dims.dp == ref["micro_batch"], (layout, dims.dp, ref["micro_batch"])
+        assert layout["micro_batch"] * dims.data_parallel == ref["micro_batch"], (layout, dims.dp, ref["micro_batch"])
         run = pretrain(cfg, os.path.join(spec["workdir"], layout["name"]), dims=dims, initial_state=initial,
                        gather_final_weights=True)
         got = [(r["loss"], r["grad_norm"]) for r in run.records]

@@ -1,0 +1,111 @@
+"""Context parallelism as the model sees it: which positions of a row this rank holds, and causal attention of
+those positions over the keys and values of the whole row. Plain PyTorch; the exchange itself is handed in.
+
+Tested by `python -m pytest tests/model/test_context.py` (every cp rank's attention against the whole row's)
+and `tests/distributed/test_context_parallel.py` (cp2, cp2×tp2, cp2×ep2 against one process).
+
+A row of T positions is cut into 2·cp chunks of c = T / (2·cp); rank r holds chunks r and 2·cp−1−r, so every
+rank gets as much causal work as any other (an early chunk attends to few keys, its partner to many). Each rank
+embeds whole rows (the vision and time-series encoders see whole images and series) and keeps its chunks;
+positions (RoPE / FoPE) are the row's own, so rotating a chunk is rotating those positions. Attention takes the
+keys and values of every chunk (`exchange`, an all-gather over the cp ranks in scimoe/parallel/context.py,
+whose backward sums each rank's key/value gradients back to their owner) and runs, for each of the rank's
+query chunks and each document piece in it, causal attention over the keys from the document's start to the
+piece's end (lower-right aligned, so position i sees keys ≤ i): no mask wider than one piece is ever built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+
+def chunk_indices(length: int, cp: int, rank: int, device=None) -> torch.Tensor:
+    """Row positions rank `rank` of `cp` holds: chunks rank and 2·cp−1−rank of 2·cp equal chunks, in that order."""
+    if length % (2 * cp):
+        raise ValueError(f"train.seq_len ({length}) must be divisible by 2 × parallel.cp ({2 * cp}): context "
+                         "parallelism cuts each row into 2·cp equal chunks")
+    c = length // (2 * cp)
+    first, second = rank * c, (2 * cp - 1 - rank) * c
+    return torch.cat((torch.arange(first, first + c, device=device), torch.arange(second, second + c, device=device)))
+
+
+def row_order(length: int, cp: int, device=None) -> torch.Tensor:
+    """Where each row position lies in the concatenation of every rank's positions (rank 0's first)."""
+    held = torch.cat([chunk_indices(length, cp, r) for r in range(cp)])
+    return torch.argsort(held).to(device)
+
+
+def document_starts(positions: torch.Tensor) -> torch.Tensor:
+    """[B, T] index in the row where each position's document starts (a position of 0 starts one; so does the
+    row)."""
+    b, t = positions.shape
+    index = torch.arange(t, device=positions.device).expand(b, t)
+    starts = torch.where(positions == 0, index, torch.zeros_like(index))
+    return torch.cummax(starts, dim=1).values
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Queries local[q0:q1] of row `row` are row positions [p0, p0 + q1 − q0) of one document starting at `start`."""
+
+    row: int
+    q0: int
+    q1: int
+    p0: int
+    start: int
+
+
+@dataclass(frozen=True)
+class ContextDocuments:
+    """A micro-batch's documents as one cp rank sees them: the pieces its positions make and how to fetch the
+    row's keys and values. Passed where the model passes `Documents`; attention then calls `attend`."""
+
+    pieces: tuple[Piece, ...]
+    exchange: Callable[[torch.Tensor], torch.Tensor]
+    """[B, T/cp, h, d] this rank's keys (or values) → [B, T, h, d] the whole row's, in row order."""
+
+    @staticmethod
+    def build(positions: torch.Tensor, cp: int, rank: int, exchange) -> "ContextDocuments":
+        """`positions` [B, T] of whole rows."""
+        b, t = positions.shape
+        held = chunk_indices(t, cp, rank)
+        starts = document_starts(positions.cpu())[:, held]
+        c = t // (2 * cp)
+        pieces = []
+        for row in range(b):
+            for half in range(2):
+                q0, q1 = half * c, (half + 1) * c
+                cut = [q0] + [q for q in range(q0 + 1, q1) if starts[row, q] != starts[row, q - 1]] + [q1]
+                for a, z in zip(cut, cut[1:]):
+                    pieces.append(Piece(row, a, z, int(held[a]), int(starts[row, a])))
+        return ContextDocuments(tuple(pieces), exchange)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+        """Causal attention within documents of this rank's queries [B, T/cp, H, D] over the whole row."""
+        keys, values = self.exchange(k), self.exchange(v)
+        out = torch.empty_like(q)
+        for p in self.pieces:
+            end = p.p0 + p.q1 - p.q0
+            span = (q[p.row, p.q0:p.q1], keys[p.row, p.start:end], values[p.row, p.start:end])
+            span = [x.transpose(0, 1).unsqueeze(0) for x in span]
+            mask = causal_lower_right(p.q1 - p.q0, end - p.start)
+            out[p.row, p.q0:p.q1] = F.scaled_dot_product_attention(*span, attn_mask=mask, enable_gqa=gqa)[0].transpose(0, 1)
+        return out
+
+
+class LocalContext:
+    """One rank holds whole rows: nothing to split, documents as the single process has them."""
+
+    cp = 1
+
+    def split(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return x
+
+    def documents(self, positions: torch.Tensor):
+        from scimoe.model.attention import Documents
+
+        return Documents.from_positions(positions)

@@ -11,7 +11,13 @@ positions (RoPE / FoPE) are the row's own, so rotating a chunk is rotating those
 keys and values of every chunk (`exchange`, an all-gather over the cp ranks in scimoe/parallel/context.py,
 whose backward sums each rank's key/value gradients back to their owner) and runs, for each of the rank's
 query chunks and each document piece in it, causal attention over the keys from the document's start to the
-piece's end (lower-right aligned, so position i sees keys ≤ i): no mask wider than one piece is ever built.
+piece's end (lower-right aligned, so position i sees keys ≤ i). A piece that starts its document is a square
+causal block (SDPA's fused causal kernels). One that continues a document from an earlier chunk is two blocks
+merged by their log-sum-exps, as ring attention merges its steps: the keys before the piece (all visible) and
+the piece's own square causal block; on CPU both run in torch's flash kernel, whose backward takes the merged
+output and log-sum-exp, so nothing of size queries × keys is ever stored (a lower-right mask would be: SDPA
+keeps it, in fp32, for the backward). On CUDA the same piece goes to SDPA with torch's `causal_lower_right` bias
+(flash / memory-efficient kernels with lower-right alignment; not run here: no GPU).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+
 
 
 def chunk_indices(length: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -91,10 +97,48 @@ class ContextDocuments:
         for p in self.pieces:
             end = p.p0 + p.q1 - p.q0
             span = (q[p.row, p.q0:p.q1], keys[p.row, p.start:end], values[p.row, p.start:end])
-            span = [x.transpose(0, 1).unsqueeze(0) for x in span]
-            mask = causal_lower_right(p.q1 - p.q0, end - p.start)
-            out[p.row, p.q0:p.q1] = F.scaled_dot_product_attention(*span, attn_mask=mask, enable_gqa=gqa)[0].transpose(0, 1)
+            out[p.row, p.q0:p.q1] = lower_right_causal(*(x.transpose(0, 1) for x in span), gqa).transpose(0, 1)
         return out
+
+
+def lower_right_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+    """Attention of the last L of S positions ([h, L, d] queries, [h_kv, S, d] keys and values): query i sees
+    keys ≤ i + S − L."""
+    length, span = q.shape[1], k.shape[1]
+    if length == span:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if q.device.type != "cpu":
+        from torch.nn.attention.bias import causal_lower_right
+
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(length, span), enable_gqa=gqa)
+    return _ContinuedDocument.apply(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))[0]
+
+
+class _ContinuedDocument(torch.autograd.Function):
+    """CPU: [1, h, L, d] queries over [1, h_kv, S, d] keys, lower-right causal, as (earlier keys, all visible) ⊕
+    (the last L keys, causal), merged by log-sum-exp; the backward runs the flash backward of each block with the
+    merged output and log-sum-exp (exact: each block's probabilities are then the merged softmax's)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):  # noqa: D102
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        before = k.shape[2] - q.shape[2]
+        out_a, lse_a = flash(q, k[:, :, :before], v[:, :, :before], 0.0, False)
+        out_b, lse_b = flash(q, k[:, :, before:], v[:, :, before:], 0.0, True)
+        lse = torch.logaddexp(lse_a, lse_b)
+        out = ((lse_a - lse).exp().unsqueeze(-1) * out_a + (lse_b - lse).exp().unsqueeze(-1) * out_b).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        q, k, v, out, lse = ctx.saved_tensors
+        flash_grad = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        before = k.shape[2] - q.shape[2]
+        grad = grad.contiguous()
+        dq_a, dk_a, dv_a = flash_grad(grad, q, k[:, :, :before], v[:, :, :before], out, lse, 0.0, False)
+        dq_b, dk_b, dv_b = flash_grad(grad, q, k[:, :, before:], v[:, :, before:], out, lse, 0.0, True)
+        return dq_a + dq_b, torch.cat((dk_a, dk_b), dim=2), torch.cat((dv_a, dv_b), dim=2)
 
 
 class LocalContext:

@@ -163,6 +163,8 @@ def activation_split(cfg: Config, moe_layer: bool, mode: str | None = None) -> t
     # gathered output (the projections' input), q and k rotated, v
     fp32 = (2 * h + 1) * share + 2 * q * d + 2 * kv * d + q + kv + (0 if mode == "selective" else q)
     compute = h + 2 * q * d + 2 * kv * d
+    if cfg.parallel.cp > 1 and mode != "selective":  # the row's keys and values, gathered over cp: cp per held token
+        compute += 2 * kv * d * cfg.parallel.cp
     if not moe_layer:
         return fp32 + (2 * h + 1) * share, compute + (h + 4 * m.moe.dense_ffn_hidden) * share
     k = m.moe.top_k
@@ -205,7 +207,7 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     etp = par.etp
     expert_dp = max(1, tp * dp // (ep * etp))  # megatron's expert groups span tp: tp·dp = etp·ep·expert-dp
     stages = pp * par.pp_virtual
-    tokens = train.micro_batch * train.seq_len
+    tokens = train.micro_batch * train.seq_len // par.cp  # context parallelism: this rank's chunks of each row
     compute_bytes = 4 if train.dtype == "fp32" else 2
     mixed = train.dtype == "bf16" or train.optimizer_offload != "none"
     offload = train.optimizer_offload != "none"

@@ -42,7 +42,7 @@ def measure(cfg: Config, dims: ParallelDims, run_dir: str) -> dict:
     else:
         optimizer = build_optimizer(model, cfg.train, optimizer_shards(model, dims, cfg.parallel.zero))
     loader = StepLoader(build_rows(cfg, run_dir), cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seed,
-                        dims.groups.dp_rank, dims.dp)
+                        dims.groups.data_rank, dims.data_parallel)
     batches = loader.next_step()
     assert len(batches) == 1, "measure one micro-batch per step"
     owned = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(model.buffers())}
@@ -65,7 +65,7 @@ def measure(cfg: Config, dims: ParallelDims, run_dir: str) -> dict:
                     pack(t)
         return plain_checkpoint(fn, *args, **kwargs)
 
-    labels = int(dims.reduce_sum(torch.tensor(int((batches[0]["labels"] != -100).sum()))))
+    labels = int(dims.reduce_sum(torch.tensor(int((dims.context_share(batches[0]["labels"]) != -100).sum()))))
     recompute.checkpoint = checkpoint_keeping
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -130,24 +130,35 @@ def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference
                 "resume_step": RESUME_AT},
                {"name": "tp2_sp_etp2", "tp": 2, "sp": True, "etp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
                {"name": "ep2_from_pp2", "ep": 2, "micro_batch": GLOBAL_BATCH // 4, "resume_from": "pp2",
+                "resume_step": RESUME_AT},
+               {"name": "cp2", "cp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2, "save_every": RESUME_AT},
+               {"name": "dp2_from_cp2", "ep": 1, "micro_batch": GLOBAL_BATCH // 4, "resume_from": "cp2",
+                "resume_step": RESUME_AT},
+               {"name": "cp2_from_dp2", "cp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2, "resume_from": "dp2",
                 "resume_step": RESUME_AT}]
     memory = [{"name": "mem_dp2"}, {"name": "mem_ep2", "ep": 2}, {"name": "mem_tp2", "tp": 2},
               {"name": "mem_pp2", "pp": 2}, {"name": "mem_tp2_sp", "tp": 2, "sp": True},
               {"name": "mem_tp2_etp2", "tp": 2, "etp": 2}, {"name": "mem_tp2_sp_etp2", "tp": 2, "etp": 2, "sp": True},
               {"name": "mem_ep2_bf16", "ep": 2, "dtype": "bf16"},
               {"name": "mem_tp2_sp_bf16_selective", "tp": 2, "sp": True, "dtype": "bf16", "recompute": "selective"},
-              {"name": "mem_pp2_bf16_full", "pp": 2, "dtype": "bf16", "recompute": "full"}]
+              {"name": "mem_pp2_bf16_full", "pp": 2, "dtype": "bf16", "recompute": "full"},
+              {"name": "mem_cp2", "cp": 2}, {"name": "mem_cp2_bf16_selective", "cp": 2, "dtype": "bf16",
+                                              "recompute": "selective"}]
     out = launch(2, {"parity": dict(reference, layouts=layouts), "dispatch": True, "grad_norm": True,
                      "memory": {"workdir": str(tmp_path), "layouts": memory}}, tmp_path)
     for name, ranks in out["memory"].items():  # the capacity planner against what these ranks allocated
         assert_memory_matches(name, ranks)
     _assert_parity(out["parity"], ["ep2", "dp2", "tp2", "dp2_zero0", "pp2", "pp2_interleaved", "tp2_sp",
-                                   "dp2_from_tp2", "ep2_from_pp2", "tp2_etp2", "dp2_from_tp2_etp2", "tp2_sp_etp2"],
+                                   "dp2_from_tp2", "ep2_from_pp2", "tp2_etp2", "dp2_from_tp2_etp2", "tp2_sp_etp2",
+                                   "cp2", "dp2_from_cp2", "cp2_from_dp2"],
                    reference)
     _assert_resumed(out["parity"], reference, "dp2_from_tp2")  # tp2 → tp1
     _assert_resumed(out["parity"], reference, "ep2_from_pp2")  # pp2 → pp1 (and ep1 → ep2)
     _assert_resumed(out["parity"], reference, "dp2_from_tp2_etp2")  # experts split over etp → whole again
     _resume_in_this_process(reference, "dp2")  # dp2 → dp1, two ranks → one
+    _assert_resumed(out["parity"], reference, "dp2_from_cp2")  # cp2 → cp1: rows whole again, read by two replicas
+    _assert_resumed(out["parity"], reference, "cp2_from_dp2")  # cp1 → cp2
+    _resume_in_this_process(reference, "cp2")  # cp2 → one process
     # ZeRO-1 (the default) holds about half the AdamW state per rank at dp2; zero=0 holds all of it.
     assert 0.3 < out["parity"]["dp2"]["optimizer_state_share"] < 0.7
     assert out["parity"]["dp2_zero0"]["optimizer_state_share"] == 1.0
@@ -183,19 +194,24 @@ def test_four_rank_layouts_match_single_process(reference, tmp_path):
                 "resume_from": "tp2xep2", "resume_step": RESUME_AT},
                {"name": "tp2xep2_etp2", "tp": 2, "ep": 2, "etp": 2, "micro_batch": GLOBAL_BATCH // 4},
                {"name": "tp2xpp2_sp", "tp": 2, "pp": 2, "sp": True, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
-               {"name": "tp2xep2_sp_etp2", "tp": 2, "ep": 2, "sp": True, "etp": 2, "micro_batch": GLOBAL_BATCH // 4}]
+               {"name": "tp2xep2_sp_etp2", "tp": 2, "ep": 2, "sp": True, "etp": 2, "micro_batch": GLOBAL_BATCH // 4},
+               {"name": "cp2xtp2", "cp": 2, "tp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
+               {"name": "cp2xtp2_sp", "cp": 2, "tp": 2, "sp": True, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
+               {"name": "cp2xep2", "cp": 2, "ep": 2, "micro_batch": GLOBAL_BATCH // 4},
+               {"name": "cp2xpp2", "cp": 2, "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2}]
     memory = [{"name": "mem_ep2xdp2", "ep": 2}, {"name": "mem_tp2xep2", "tp": 2, "ep": 2},
               {"name": "mem_tp2xep2_etp2", "tp": 2, "ep": 2, "etp": 2},
               {"name": "mem_pp2xdp2_zero0", "pp": 2, "zero": 0},
               {"name": "mem_tp2xep2_bf16_offload", "tp": 2, "ep": 2, "dtype": "bf16", "offload": "cpu"},
-              {"name": "mem_ep2xdp2_bf16_grad16", "ep": 2, "dtype": "bf16", "grad_reduce": "bf16"}]
+              {"name": "mem_ep2xdp2_bf16_grad16", "ep": 2, "dtype": "bf16", "grad_reduce": "bf16"},
+              {"name": "mem_cp2xtp2_sp", "cp": 2, "tp": 2, "sp": True}, {"name": "mem_cp2xep2", "cp": 2, "ep": 2}]
     out = launch(4, {"parity": dict(reference, layouts=layouts), "dispatch": True,
                      "memory": {"workdir": str(tmp_path), "layouts": memory}}, tmp_path)
     for name, ranks in out["memory"].items():
         assert_memory_matches(name, ranks)
     _assert_parity(out["parity"], ["ep4", "ep2xdp2", "dp4", "tp2xdp2", "pp2xdp2", "pp2xep2", "tp2xpp2", "tp2xep2",
                                    "tp2xep2_sp", "ep4_from_ep2xdp2", "dp4_from_ep4", "tp2xep2_resumed", "tp2xep2_etp2",
-                                   "tp2xpp2_sp", "tp2xep2_sp_etp2"],
+                                   "tp2xpp2_sp", "tp2xep2_sp_etp2", "cp2xtp2", "cp2xtp2_sp", "cp2xep2", "cp2xpp2"],
                    reference)
     _assert_resumed(out["parity"], reference, "ep4_from_ep2xdp2")  # ep2 → ep4 (dp2 → dp1)
     _assert_resumed(out["parity"], reference, "dp4_from_ep4")  # ep4 → ep1

@@ -20,14 +20,15 @@ FP32_PEAK_TOLERANCE = 0.2
 
 def memory_config(tp: int = 1, pp: int = 1, ep: int = 1, zero: int = 1, sp: bool = False, world: int = 1,
                   dense_layers: int = 0, etp: int = 1, recompute: str = "none", dtype: str = "fp32",
-                  offload: str = "none", grad_reduce: str = "fp32") -> Config:
+                  offload: str = "none", grad_reduce: str = "fp32", cp: int = 1) -> Config:
     """A tiny run whose step is one micro-batch per rank (so one forward's saved bytes are measurable)."""
-    dp = world // (tp * pp)
+    dp = world // (tp * pp * cp)
     cfg = Config(model=ModelConfig(moe=MoEConfig(dense_layers=dense_layers, dense_ffn_hidden=96 if dense_layers else 0)),
                  train=TrainConfig(steps=1, global_batch=2 * dp, micro_batch=2, seq_len=64),
                  data=DataConfig(source="synthetic", synthetic_rows=32), checkpoint=CheckpointConfig(resume="never"),
                  logger=LoggerConfig(kind="none"))
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.zero, cfg.parallel.etp = tp, pp, ep, zero, etp
+    cfg.parallel.cp = cp
     cfg.parallel.sequence_parallel = sp
     cfg.train.recompute, cfg.train.dtype, cfg.train.optimizer_offload = recompute, dtype, offload
     cfg.parallel.grad_reduce_dtype = grad_reduce

@@ -5,7 +5,7 @@ train.seq_len=8192 train.micro_batch=1 train.global_batch=1024` (any scimoe-trai
 memory (parameters, gradients, ZeRO-1-sharded AdamW state, activations per micro-batch under
 train.recompute, all-to-all buffers), communication per step by kind, and the estimated step time and
 MFU; when the layout does not fit it says so and suggests the smallest layout that does: the fewest
-model-parallel GPUs (tp·pp·ep) under any train.recompute mode and train.optimizer_offload choice, then the
+model-parallel GPUs (tp·pp·ep·cp; cp searched for rows of 32k tokens and more) under any train.recompute mode and train.optimizer_offload choice, then the
 fastest of those. Tested by `python -m pytest tests/plan`.
 """
 from __future__ import annotations
@@ -46,14 +46,16 @@ class Plan:
 def check_layout(cfg: Config, world: int) -> ParallelDims:
     """The layout's dims, or ValueError naming what does not divide."""
     m, par = cfg.model, cfg.parallel
-    dims = ParallelDims(world_size=world, rank=0, tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp)
+    dims = ParallelDims(world_size=world, rank=0, tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp, cp=par.cp,
+                        sequence_parallel=par.sequence_parallel)
     dims.check_model(m.moe.num_experts, m.layers, m.moe.n_groups)
+    dims.check_sequence(cfg.train.seq_len)
     if m.heads % par.tp or m.kv_heads % par.tp or m.vocab_size % par.tp:
         raise ValueError(f"parallel.tp ({par.tp}) must divide model.heads, model.kv_heads and model.vocab_size")
-    per_step = cfg.train.micro_batch * dims.dp
+    per_step = cfg.train.micro_batch * dims.data_parallel
     if cfg.train.global_batch % per_step:
         raise ValueError(f"train.global_batch ({cfg.train.global_batch}) is not a multiple of train.micro_batch × "
-                         f"dp ({per_step})")
+                         f"data-parallel size ({per_step})")
     return dims
 
 
@@ -64,14 +66,20 @@ def make_plan(cfg: Config) -> Plan:
     return Plan(cfg, world, memory, plan_step(cfg, memory, world))
 
 
+CONTEXT_FROM = 32768
+"""Rows at least this long also try context parallelism (cp 2 to 16) in the search; shorter ones keep cp as given."""
+
+
 def candidates(cfg: Config) -> list[Plan]:
-    """Every valid (tp, pp, ep) on cluster.gpus, tp within a node."""
+    """Every valid (tp, pp, ep, cp) on cluster.gpus, tp within a node."""
     plans = []
     tps = [t for t in (1, 2, 4, 8) if t <= cfg.cluster.gpus_per_node]
-    for tp, pp, ep, sp in itertools.product(tps, (1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16, 32, 64), (False, True)):
+    cps = (1, 2, 4, 8, 16) if cfg.train.seq_len >= CONTEXT_FROM else (cfg.parallel.cp,)
+    for tp, pp, ep, sp, cp in itertools.product(tps, (1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16, 32, 64), (False, True),
+                                                cps):
         if sp and tp == 1:
             continue
-        trial = replace(cfg, parallel=replace(cfg.parallel, tp=tp, pp=pp, ep=ep, sequence_parallel=sp))
+        trial = replace(cfg, parallel=replace(cfg.parallel, tp=tp, pp=pp, ep=ep, sequence_parallel=sp, cp=cp))
         try:
             plans.append(make_plan(trial))
         except ValueError:
@@ -80,7 +88,7 @@ def candidates(cfg: Config) -> list[Plan]:
 
 
 def suggest(cfg: Config, fastest: bool = False) -> Plan | None:
-    """The layout with the fewest model-parallel GPUs (tp·pp·ep) that fits under any recomputation mode and
+    """The layout with the fewest model-parallel GPUs (tp·pp·ep·cp) that fits under any recomputation mode and
     offload choice, then the fastest of those (its train.recompute and train.optimizer_offload say which);
     `fastest`: the fitting layout with the shortest estimated step."""
     fitting = []
@@ -91,12 +99,14 @@ def suggest(cfg: Config, fastest: bool = False) -> Plan | None:
         return None
     if fastest:
         return min(fitting, key=lambda p: p.step.step_s)
-    return min(fitting, key=lambda p: (p.cfg.parallel.tp * p.cfg.parallel.pp * p.cfg.parallel.ep, p.step.step_s))
+    return min(fitting, key=lambda p: (p.cfg.parallel.tp * p.cfg.parallel.pp * p.cfg.parallel.ep * p.cfg.parallel.cp,
+                                       p.step.step_s))
 
 
 def _overrides(plan: Plan) -> str:
     p, t = plan.cfg.parallel, plan.cfg.train
-    return (f"parallel.tp={p.tp} parallel.pp={p.pp} parallel.ep={p.ep} parallel.sequence_parallel={p.sequence_parallel} "
+    return (f"parallel.tp={p.tp} parallel.pp={p.pp} parallel.ep={p.ep} parallel.cp={p.cp} "
+            f"parallel.sequence_parallel={p.sequence_parallel} "
             f"train.recompute={t.recompute} train.optimizer_offload={t.optimizer_offload}")
 
 

@@ -283,7 +283,7 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
         elif train.recompute == "selective" and any(i >= m.moe.dense_layers for i in recomputed):
             rebuilt = compute_bytes * swiglu_elements_per_token(cfg)
         s.recompute_transient_bytes = int(rebuilt * tokens)
-        s.microbatches_in_flight = min(pp - rank, max(1, train.global_batch // (train.micro_batch * dp)))
+        s.microbatches_in_flight = min(pp - rank, max(1, train.global_batch // (train.micro_batch * dp // par.cp)))
         if ep > 1:  # dispatch send + receive buffers of one MoE layer: tokens·K rows of H each way
             s.alltoall_buffer_bytes = int(2 * tokens * m.moe.top_k * m.hidden * compute_bytes)
         plan.stages.append(s)

@@ -10,7 +10,9 @@ optimizer step (ring all-reduce moves 2·(n−1)/n of the buffer, all-gather and
   plus the embedding and LM-head collectives;
 - ep: per MoE layer and micro-batch, dispatch + combine forward and their transposes backward, each
   tokens·K·H activations (the share leaving the rank: (ep−1)/ep);
-- pp: per micro-batch and stage boundary, the [tokens, H] activation forward and its gradient backward.
+- pp: per micro-batch and stage boundary, the [tokens, H] activation forward and its gradient backward;
+- cp: per layer and micro-batch, the all-gather of the row's keys and values forward and the all-reduce of
+  their gradients backward (tokens here are a rank's T/cp positions of each row).
 Time: compute = model FLOPs / (peak × `matmul_efficiency`), stretched by the 1F1B bubble
 (pp−1)/(v·m + pp − 1) for m micro-batches and v virtual stages; tp and ep traffic is on the critical
 path, intra-node over NVLink when the group fits in a node, else the network; the dp traffic runs over the
@@ -38,7 +40,7 @@ HOST_ADAM_PARAMS_PER_S = 1.5e9
 @dataclass
 class StepPlan:
     comm_bytes: dict[str, float]
-    """Bytes one rank sends per optimizer step, by kind (dp, zero, tp, ep, pp)."""
+    """Bytes one rank sends per optimizer step, by kind (dp, zero, tp, ep, pp, cp)."""
     compute_s: float
     bubble: float
     comm_s: dict[str, float]
@@ -68,8 +70,9 @@ def plan_step(cfg: Config, memory: MemoryPlan, world: int, matmul_efficiency: fl
     expert_dp = max(1, tp * dp // ep)
     gpu = ACCELERATORS[cluster.gpu]
     act = 4 if train.dtype == "fp32" else 2
-    micro = max(1, train.global_batch // (train.micro_batch * dp))
-    tokens = train.micro_batch * train.seq_len
+    cp = par.cp  # dp counts the cp ranks too: they sum gradients like data-parallel ones
+    micro = max(1, train.global_batch // (train.micro_batch * dp // cp))
+    tokens = train.micro_batch * train.seq_len // cp
     worst = memory.worst()
     layers = len([i for i in range(worst.layers.start, worst.layers.stop)])
     moe_layers = len([i for i in range(worst.layers.start, worst.layers.stop) if i >= m.moe.dense_layers])
@@ -85,6 +88,7 @@ def plan_step(cfg: Config, memory: MemoryPlan, world: int, matmul_efficiency: fl
         "tp": micro * (4 * layers + 4) * tokens * m.hidden * act * ring(tp),
         "ep": micro * moe_layers * 4 * tokens * m.moe.top_k * m.hidden * act * share(ep) / (tp if tp > 1 else 1),
         "pp": micro * 2 * tokens * m.hidden * act if pp > 1 else 0.0,
+        "cp": micro * layers * 2 * tokens * cp * m.kv_heads // tp * m.head_dim * act * (share(cp) + ring(cp)),
     }
     per_node = cluster.gpus_per_node
     intra = lambda group: group <= per_node  # noqa: E731  (megatron puts tp, then ep, fastest-varying)
@@ -94,6 +98,7 @@ def plan_step(cfg: Config, memory: MemoryPlan, world: int, matmul_efficiency: fl
         "dp": gpu.nvlink_gbps if intra(tp * dp) else gpu.network_gbps,
         "zero": gpu.nvlink_gbps if intra(tp * dp) else gpu.network_gbps,
         "pp": gpu.network_gbps if tp * dp * ep > per_node or world > per_node else gpu.nvlink_gbps,
+        "cp": gpu.nvlink_gbps if intra(tp * cp) else gpu.network_gbps,  # megatron's order: tp, then cp
     }
     comm_s = {kind: volume / (bandwidth[kind] * 1e9) for kind, volume in comm.items()}
     flops_per_rank = training_flops_per_token(m, train.seq_len) * train.global_batch * train.seq_len / world

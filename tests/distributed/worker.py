@@ -207,7 +207,7 @@ def run_mm_parity(spec: dict, rank: int, world: int) -> dict:
     initial = load_file(spec["initial_weights"])
     out = {}
     for layout in spec["layouts"]:
-        par = {k: layout.get(k, 1) for k in ("tp", "pp", "ep")}
+        par = {k: layout.get(k, 1) for k in ("tp", "pp", "ep", "cp")}
         cfg = mm_config(spec["fixture"], layout["micro_batch"], **par)
         dims = ParallelDims.from_config(cfg.parallel, world, rank)
         run = pretrain(cfg, os.path.join(spec["workdir"], layout["name"]), dims=dims, initial_state=initial)

@@ -78,3 +78,18 @@ def test_a_continued_document_saves_nothing_of_size_queries_times_keys():
     mask = torch.arange(64) <= torch.arange(48, 64)[:, None]
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     assert torch.allclose(out, want, atol=1e-6)
+
+
+def test_context_parallel_generation_and_grpo_are_refused_by_name():
+    from scimoe.config import Config
+    from scimoe.model.attention import Attention
+    from scimoe.rl.grpo import _check_layout
+
+    attention = Attention(hidden=16, heads=2, kv_heads=2, head_dim=8, eps=1e-6)
+    positions = torch.arange(8)[None]
+    docs = ContextDocuments.build(positions, 2, 0, lambda x: x)
+    rotary = (torch.ones(1, 4, 1, 8), torch.zeros(1, 4, 1, 8))
+    with pytest.raises(ValueError, match="KV cache under context parallelism"):
+        attention(torch.randn(1, 4, 16), rotary, docs, cache={})
+    with pytest.raises(ConfigError, match="'parallel.cp'.*recipe=grpo"):
+        _check_layout(Config(), ParallelDims(world_size=2, cp=2))

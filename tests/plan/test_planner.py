@@ -67,3 +67,39 @@ def test_data_parallel_volume_matches_a_hand_count():
     assert step.comm_bytes["zero"] == pytest.approx(4 * params * 3 / 4)  # each rank receives 3/4 of the weights
     assert step.comm_bytes["tp"] == step.comm_bytes["ep"] == step.comm_bytes["pp"] == 0
     assert make_plan(cfg).fits()
+
+
+def test_context_parallelism_splits_the_rows_activations_and_sends_their_keys_and_values():
+    """cp2 holds half the positions (plus the row's K/V during attention) and sends, per layer and micro-batch,
+    the all-gather of K and V forward and the all-reduce of their gradients backward: a hand count."""
+    def plan(cp: int):
+        cfg = Config()
+        cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seq_len = 8, 2, 256
+        cfg.cluster.gpu, cfg.cluster.gpus, cfg.parallel.cp = "cpu", 4, cp
+        memory = plan_memory(cfg, 4)
+        return cfg, memory, plan_step(cfg, memory, 4)
+
+    cfg, one, one_step = plan(1)
+    _, two, two_step = plan(2)
+    m = cfg.model
+    kv_row = 2 * m.kv_heads * m.head_dim * 4 * 2 * 256  # K and V of one micro-batch's rows, fp32
+    assert two.stages[0].activation_bytes_per_microbatch == pytest.approx(
+        one.stages[0].activation_bytes_per_microbatch / 2 + m.layers * kv_row, rel=1e-6)
+    assert one_step.comm_bytes["cp"] == 0
+    micro = 8 // (2 * 2)  # micro-batches per step: dp 4 = 2 replicas × cp 2
+    assert two_step.comm_bytes["cp"] == pytest.approx(micro * m.layers * kv_row * (1 / 2 + 1))
+    assert two_step.comm_bytes["tp"] == 0 and two_step.comm_bytes["dp"] == one_step.comm_bytes["dp"]
+
+
+def test_context_parallelism_is_searched_for_long_rows_and_checked(capsys):
+    from scimoe.config import compose_config
+    from scimoe.plan.cli import candidates
+
+    long_rows = compose_config(["cluster.gpus=4", "train.seq_len=32768", "model.max_positions=32768",
+                                "train.global_batch=4"])
+    assert {p.cfg.parallel.cp for p in candidates(long_rows)} == {1, 2, 4}
+    short_rows = compose_config(["cluster.gpus=4", "train.seq_len=4096", "train.global_batch=4"])
+    assert {p.cfg.parallel.cp for p in candidates(short_rows)} == {1}
+    with pytest.raises(SystemExit):
+        main(["parallel.cp=4", "cluster.gpus=4", "train.seq_len=36", "train.global_batch=4"])
+    assert "train.seq_len (36) must be divisible by 2 × parallel.cp (8)" in capsys.readouterr().out

@@ -325,8 +325,9 @@ class DataConfig:
 
     source: str = "text"
     """`text` (a plain-text corpus, one document per blank-line-separated paragraph), `synthetic`
-    (sequences from a fixed random Markov chain: learnable, no files), or an allow-listed dotted path
-    to a function `(cfg, run_dir) -> PackedRows` (see scimoe/registry.py)."""
+    (sequences from a fixed random Markov chain: learnable, no files), `shards` (multimodal tar shards streamed
+    from data.path, scimoe/data/stream.py), or an allow-listed dotted path to a function
+    `(cfg, run_dir) -> PackedRows` (see scimoe/registry.py)."""
     path: Optional[str] = None
     """Text corpus file; None = the corpus bundled with the package."""
     tokenizer: Optional[str] = None
@@ -341,13 +342,20 @@ class DataConfig:
     streaming: bool = False
     """Read multimodal records through HF datasets' streaming mode (no full copy in its cache)."""
     max_bad_fraction: float = 0.01
-    """Stop when more than this share of multimodal records are bad (each one is reported by file:line)."""
+    """Stop when more than this share of multimodal records are bad (each one is reported by file:line; streamed
+    shards: by shard and member, over the samples read so far, from 20 on)."""
+    workers: int = 2
+    """data.source=shards: processes decoding images and series (0: in the training process)."""
+    prefetch: int = 16
+    """data.source=shards: samples per source decoded ahead of the packer (bounds the loader's memory)."""
     blend: Optional[list[Any]] = None
     """Megatron-style weighted blend of pretokenized .bin/.idx prefixes: [w1, prefix1, w2, prefix2, …]
-    (data.source=indexed)."""
+    (data.source=indexed), or of shard folders (data.source=shards: each row from one folder, drawn by weight)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.source), "data.source", "must name a source")
+        _require(self.workers >= 0, "data.workers", "must be >= 0")
+        _require(self.prefetch >= 1, "data.prefetch", "must be >= 1")
         _require(self.synthetic_rows > 0, "data.synthetic_rows", "must be positive")
         _require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", "must be within [0, 1]")
 

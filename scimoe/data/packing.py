@@ -40,6 +40,13 @@ class Document:
     """(start, end, kind) of each image's or series' placeholder tokens, in order; kind is "image" or
     "time_series". Splitting keeps each span whole."""
 
+    def splittable(self, limit: int, skipped: list[str]) -> "Document":
+        """This document ready to be split over rows of `limit` tokens: media spans checked, items longer than a
+        row taken out (each named in `skipped`)."""
+        if len(self.media) != len(self.images) + len(self.series):
+            raise ValueError(f"{self.where}: splitting needs the token span of each image and series (Document.media)")
+        return self.without_items_longer_than(limit, skipped)
+
     def without_items_longer_than(self, limit: int, skipped: list[str]) -> "Document":
         """This document less the media items of more than `limit` tokens (each named in `skipped`)."""
         long = [i for i, (a, b, _) in enumerate(self.media) if b - a > limit]
@@ -112,6 +119,49 @@ class PackedRows:
         return batch
 
 
+class RowFiller:
+    """One row being filled: documents (or their continuations) go in until it is full, then `close` pads it.
+    The packer below and the streamed loader (scimoe/data/stream.py) share it."""
+
+    def __init__(self, seq_len: int, pad_id: int, report: PackReport) -> None:
+        self.seq_len, self.pad_id, self.report = seq_len, pad_id, report
+        self.ids: list[int] = []
+        self.pos: list[int] = []
+        self.lab: list[int] = []
+        self.images: list = []
+        self.series: list = []
+        self.full = False
+
+    def add(self, tokens: list[int], trained: list[bool]) -> None:
+        self.ids.extend(tokens)
+        self.pos.extend(range(len(tokens)))
+        self.lab.extend([t if ok else -100 for t, ok in zip(tokens[1:], trained[1:])] + [-100])
+        self.report.tokens += len(tokens)
+        self.report.trained_tokens += sum(trained[1:])
+        self.full = len(self.ids) == self.seq_len
+
+    def take(self, doc: Document, start: int) -> int:
+        """Tokens [start, end) of `doc` into the row, cut only where `doc` may be cut; returns end (the row is then
+        full, or the document is done). The row closes early when the next image or series does not fit."""
+        tokens, trained = doc.tokens, doc.trained or [True] * len(doc.tokens)
+        end = min(len(tokens), start + self.seq_len - len(self.ids))
+        end = doc.cut_at_or_before(end) if end < len(tokens) else end
+        if end == start:  # the next image or series does not fit in what is left of this row
+            assert self.ids, "an item longer than a row was not taken out"
+            self.full = True
+            return start
+        self.add(tokens[start:end], trained[start:end])
+        more_images, more_series = doc.media_between(start, end)
+        self.images, self.series = self.images + more_images, self.series + more_series
+        return end
+
+    def close(self) -> tuple[list[int], list[int], list[int], list, list]:
+        """(input ids, positions, labels, images, series) of the row, padded to seq_len."""
+        pad = self.seq_len - len(self.ids)
+        return (self.ids + [self.pad_id] * pad, self.pos + [0] * pad, self.lab + [-100] * pad, self.images,
+                self.series)
+
+
 def pack(docs: list[Document], seq_len: int, pad_id: int, overflow: str = "split",
          report: PackReport | None = None) -> PackedRows:
     """Pack `docs` in order (see the module docstring for `overflow`)."""
@@ -120,49 +170,26 @@ def pack(docs: list[Document], seq_len: int, pad_id: int, overflow: str = "split
     report = report if report is not None else PackReport()
     with_media = any(d.images or d.series for d in docs)
     rows: list[tuple[list[int], list[int], list[int], list, list]] = []
-    ids: list[int] = []
-    pos: list[int] = []
-    lab: list[int] = []
-    images: list = []
-    series: list = []
+    row = RowFiller(seq_len, pad_id, report)
 
     def close_row() -> None:
-        nonlocal ids, pos, lab, images, series
-        pad = seq_len - len(ids)
-        rows.append((ids + [pad_id] * pad, pos + [0] * pad, lab + [-100] * pad, images, series))
-        ids, pos, lab, images, series = [], [], [], [], []
-
-    def add(tokens: list[int], trained: list[bool]) -> None:
-        ids.extend(tokens)
-        pos.extend(range(len(tokens)))
-        lab.extend([t if ok else -100 for t, ok in zip(tokens[1:], trained[1:])] + [-100])
-        report.tokens += len(tokens)
-        report.trained_tokens += sum(trained[1:])
+        nonlocal row
+        rows.append(row.close())
+        row = RowFiller(seq_len, pad_id, report)
 
     for doc in docs:
         if overflow == "truncate" and doc.media:
             raise ValueError(f"{doc.where}: a document with images or series cannot be truncated; use split or drop")
         if overflow == "split":
-            if len(doc.media) != len(doc.images) + len(doc.series):
-                raise ValueError(f"{doc.where}: splitting needs the token span of each image and series (Document.media)")
-            doc = doc.without_items_longer_than(seq_len, report.skipped_items)
+            doc = doc.splittable(seq_len, report.skipped_items)
         tokens, trained = doc.tokens, doc.trained or [True] * len(doc.tokens)
         if not tokens:
             continue
         if overflow == "split":
             start = 0
             while start < len(tokens):
-                end = min(len(tokens), start + seq_len - len(ids))
-                end = doc.cut_at_or_before(end) if end < len(tokens) else end
-                if end == start:  # the next image or series does not fit in what is left of this row
-                    assert ids, "an item longer than a row was not taken out"
-                    close_row()
-                    continue
-                add(tokens[start:end], trained[start:end])
-                more_images, more_series = doc.media_between(start, end)
-                images, series = images + more_images, series + more_series
-                start = end
-                if len(ids) == seq_len:
+                start = row.take(doc, start)
+                if row.full:
                     close_row()
         else:
             if len(tokens) > seq_len:
@@ -171,12 +198,13 @@ def pack(docs: list[Document], seq_len: int, pad_id: int, overflow: str = "split
                     continue
                 tokens, trained = tokens[:seq_len], trained[:seq_len]
                 report.truncated += 1
-            if len(ids) + len(tokens) > seq_len:
+            if len(row.ids) + len(tokens) > seq_len:
                 close_row()
-            add(tokens, trained)
-            images, series = images + doc.images, series + doc.series
+            row.add(tokens, trained)
+            row.images, row.series = row.images + doc.images, row.series + doc.series
+            row.full = False  # a whole document may fill the row; the next one closes it
         report.documents += 1
-    if ids:
+    if row.ids:
         close_row()
     if not rows:
         raise ValueError("packing produced no rows (every document was dropped or empty)")

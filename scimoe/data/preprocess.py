@@ -8,7 +8,9 @@ BPE is trained on the inputs and saved as OUT.tokenizer.json. Every document end
 are not JSON or have no text are skipped and listed (file:line). `--pack N` also writes
 OUT.packed.safetensors (input_ids, positions, labels of N-token rows). Then train with
 `scimoe-train data.source=indexed data.path=OUT data.tokenizer=OUT.tokenizer.json`.
-Tested by `python -m pytest tests/data/test_indexed.py`.
+`--multimodal` turns multimodal records into tar shards that training streams instead (OUT is then a folder;
+scimoe/data/mm_preprocess.py: `--model`, `--override`, `--shard-mb`).
+Tested by `python -m pytest tests/data/test_indexed.py tests/data/test_stream.py`.
 """
 from __future__ import annotations
 
@@ -92,9 +94,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab-size", type=int, default=384)
     parser.add_argument("--text-key", default="text")
     parser.add_argument("--pack", type=int, default=0, help="also write rows of this many tokens")
+    parser.add_argument("--multimodal", action="store_true", help="multimodal records → tar shards in folder OUT")
+    parser.add_argument("--model", default="tiny_mm", help="--multimodal: the model preset whose image and series "
+                        "sizes decide placeholder counts")
+    parser.add_argument("--override", action="append", default=[], help="--multimodal: a model.* override, repeatable")
+    parser.add_argument("--shard-mb", type=float, default=256, help="--multimodal: about this many MiB per shard")
     args = parser.parse_args(argv)
     try:
-        summary = preprocess(args.inputs, args.out, args.tokenizer, args.vocab_size, args.text_key, args.pack)
+        if args.multimodal:
+            from scimoe.data.mm_preprocess import preprocess_multimodal
+
+            summary = preprocess_multimodal(args.inputs, args.out, args.tokenizer, args.vocab_size, args.model,
+                                            args.override, args.shard_mb)
+        else:
+            summary = preprocess(args.inputs, args.out, args.tokenizer, args.vocab_size, args.text_key, args.pack)
     except (ValueError, FileNotFoundError) as err:
         print(f"scimoe-preprocess: {err}", file=sys.stderr)
         sys.exit(2)

@@ -15,6 +15,7 @@ import torch
 from scimoe.config import Config
 from scimoe.data.loader import StepLoader
 from scimoe.data.sources import build_rows, data_source
+from scimoe.data.stream import StreamLoader
 from scimoe.launch.hardware import peak_tflops
 from scimoe.model.counting import training_flops_per_token
 from scimoe.parallel.dims import ParallelDims
@@ -50,37 +51,45 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
              gather_final_weights: bool = False) -> PretrainResult:
     """Train to `cfg.train.steps`, resuming if asked (see Session for `dims` and `initial_state`)."""
     records: list[dict] = []
-    source = data_source(cfg)  # a data.source that does not exist is refused before any work
+    # a data.source that does not exist is refused before any work; shards stream (scimoe/data/stream.py)
+    source = None if cfg.data.source == "shards" else data_source(cfg)
     with Session(cfg, run_dir, dims, initial_state) as session:
         dims, model = session.dims, session.model
-        loader = StepLoader(build_rows(cfg, run_dir, source), cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seed,
-                            dims.groups.data_rank, dims.data_parallel)
+        if source is None:
+            loader = StreamLoader(cfg, run_dir, dims.groups.data_rank, dims.data_parallel, dims.all_gather_object)
+        else:
+            loader = StepLoader(build_rows(cfg, run_dir, source), cfg.train.global_batch, cfg.train.micro_batch,
+                                cfg.train.seed, dims.groups.data_rank, dims.data_parallel)
         state = session.resume()
         if state is not None:
             loader.load_state_dict(state["loader"])
         flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
         peak = dims.world_size * peak_tflops(cfg.cluster) * 1e12
-        for step in session.steps():
-            began = time.perf_counter()
-            batches = [to_device(mb, session.device) for mb in loader.next_step()]
-            data_time = time.perf_counter() - began
-            result = train_step(model, session.optimizer, batches, cfg.train.grad_clip, cfg.train.dtype, dims,
-                                session.chunks)
-            elapsed = time.perf_counter() - began
-            record = {
-                "step": step + 1, "loss": result.loss, "lm_loss": result.lm_loss,
-                "balance_loss": result.balance_loss, "z_loss": result.z_loss, "grad_norm": result.grad_norm,
-                "lr": session.optimizer.lr, "tokens": result.tokens, "tokens_per_s": result.tokens / elapsed,
-                "mfu": flops_per_token * result.tokens / elapsed / peak,
-                "memory_gib": memory_gib(session.device), "data_time_share": data_time / elapsed,
-                "tokens_by_modality": modality_tokens(batches, cfg.model, dims),
-                "skipped": int(result.skipped), "moe": moe_health(result.expert_counts, result.layer_stats),
-            }
-            records.append(record)
-            summary = (f"loss {result.loss:.4f} | lm {result.lm_loss:.4f} | bal {result.balance_loss:.4f} | "
-                       f"gnorm {result.grad_norm:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s")
-            if not session.end_step(record, loader.state_dict(), summary):
-                break
+        try:
+            for step in session.steps():
+                began = time.perf_counter()
+                batches = [to_device(mb, session.device) for mb in loader.next_step()]
+                data_time = time.perf_counter() - began
+                result = train_step(model, session.optimizer, batches, cfg.train.grad_clip, cfg.train.dtype, dims,
+                                    session.chunks)
+                elapsed = time.perf_counter() - began
+                record = {
+                    "step": step + 1, "loss": result.loss, "lm_loss": result.lm_loss,
+                    "balance_loss": result.balance_loss, "z_loss": result.z_loss, "grad_norm": result.grad_norm,
+                    "lr": session.optimizer.lr, "tokens": result.tokens, "tokens_per_s": result.tokens / elapsed,
+                    "mfu": flops_per_token * result.tokens / elapsed / peak,
+                    "memory_gib": memory_gib(session.device), "data_time_share": data_time / elapsed,
+                    "tokens_by_modality": modality_tokens(batches, cfg.model, dims),
+                    "skipped": int(result.skipped), "moe": moe_health(result.expert_counts, result.layer_stats),
+                }
+                records.append(record)
+                summary = (f"loss {result.loss:.4f} | lm {result.lm_loss:.4f} | bal {result.balance_loss:.4f} | "
+                           f"gnorm {result.grad_norm:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s")
+                if not session.end_step(record, loader.state_dict(), summary):
+                    break
+        finally:
+            if isinstance(loader, StreamLoader):
+                loader.close()
     final = full_state_dict(model, dims) if gather_final_weights else None
     state_numel = sum(t.numel() for _, st in session.optimizer.parameter_states() for t in st.values() if t.dim() > 0)
     return PretrainResult(records=records, final_weights=final, optimizer_state_numel=state_numel)

@@ -2,7 +2,7 @@
 those positions over the keys and values of the whole row. Plain PyTorch; the exchange itself is handed in.
 
 Tested by `python -m pytest tests/model/test_context.py` (every cp rank's attention against the whole row's)
-and `tests/distributed/test_context_parallel.py` (cp2, cp2×tp2, cp2×ep2 against one process).
+and `tests/distributed/test_parity.py` (cp2, cp2×tp2, cp2×ep2, cp2×pp2 against one process).
 
 A row of T positions is cut into 2·cp chunks of c = T / (2·cp); rank r holds chunks r and 2·cp−1−r, so every
 rank gets as much causal work as any other (an early chunk attends to few keys, its partner to many). Each rank

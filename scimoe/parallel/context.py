@@ -1,8 +1,8 @@
 """Context parallelism's communication: this rank's chunks of each row, and the row's keys and values gathered
 from the cp ranks for attention (scimoe/model/context.py has the model's side and the chunking).
 
-Tested by `python -m pytest tests/distributed/test_context_parallel.py` (cp2, cp2×tp2, cp2×ep2, cp2×pp2 against
-one process; resuming across cp sizes). Why an all-gather of K/V rather than a ring or an all-to-all over heads
+Tested by `python -m pytest tests/distributed/test_parity.py` (cp2, cp2×tp2 with and without SP, cp2×ep2,
+cp2×pp2 against one process; resuming across cp sizes) and tests/distributed/test_multimodal_parity.py (cp2). Why an all-gather of K/V rather than a ring or an all-to-all over heads
 is in docs/design.md ("Context parallelism").
 """
 from __future__ import annotations

@@ -13,6 +13,7 @@ import torch
 from scimoe.config import ConfigError, compose_config
 from scimoe.data import stream, tar_shards
 from scimoe.data.mm_preprocess import preprocess_multimodal
+from scimoe.data.preprocess import main
 from scimoe.data.stream import StreamLoader
 from scimoe.train.pretrain import pretrain
 from tests.data.mm_fixture import write_fixture
@@ -28,9 +29,9 @@ def shards(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shards")
     fixture = write_fixture(str(tmp / "fixture"), repeats=2)
     first = preprocess_multimodal([fixture], str(tmp / "a"), None, 384, shard_mb=0.01, progress=False)
-    second = preprocess_multimodal([fixture], str(tmp / "b"), str(tmp / "a" / "tokenizer.json"), 384,
-                                   shard_mb=0.01, progress=False)
-    return {"a": str(tmp / "a"), "b": str(tmp / "b"), "summary": first, "second": second}
+    main(["--multimodal", fixture, "--out", str(tmp / "b"), "--tokenizer", str(tmp / "a" / "tokenizer.json"),
+          "--shard-mb", "0.01"])  # the command line, with the first folder's tokenizer
+    return {"a": str(tmp / "a"), "b": str(tmp / "b"), "summary": first}
 
 
 def config(*overrides: str):

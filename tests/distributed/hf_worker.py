@@ -59,13 +59,12 @@ def run_released(spec: dict, rank: int, world: int) -> dict:
     from tests.model.test_released_model import FIXTURE
     from safetensors.torch import load_file
 
+    from scimoe.config import ParallelConfig
     from scimoe.convert.hf_index import read_config
-    from types import SimpleNamespace
 
     cfg = read_config(FIXTURE)
     layout = spec["layout"]
-    parallel = SimpleNamespace(tp=layout.get("tp", 1), pp=1, ep=layout.get("ep", 1), etp=1, sequence_parallel=False,
-                               pp_virtual=1, pp_layers=None)
+    parallel = ParallelConfig(tp=layout.get("tp", 1), ep=layout.get("ep", 1))
     dims = ParallelDims.from_config(parallel, world, rank).build_groups()
     with torch.device("meta"):
         model = build_model(cfg)

@@ -37,7 +37,8 @@ def test_expert_parallel_launch_writes_one_run_and_resumes(tmp_path):
     output = first.stderr + first.stdout
     assert "TP1-PP1-EP2-DP2 rank 0" in output
     grid = [line.split() for line in output.splitlines() if line.strip().startswith(("0  ", "1  "))][-2:]
-    assert [row[:6] for row in grid] == [["0", "0", "0", "0", "0", "0"], ["1", "0", "0", "1", "1", "0"]]
+    # rank, tp, pp, cp, dp, ep, expert-dp
+    assert [row[:7] for row in grid] == [["0", "0", "0", "0", "0", "0", "0"], ["1", "0", "0", "0", "1", "1", "0"]]
     again = torchrun(2, tmp_path, "parallel.ep=2", "train.steps=5", f"hydra.run.dir={run}")
     assert again.returncode == 0, again.stderr[-4000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -81,13 +81,14 @@ class ContextDocuments:
         held = chunk_indices(t, cp, rank)
         starts = document_starts(positions.cpu())[:, held]
         c = t // (2 * cp)
+        changes = starts[:, 1:] != starts[:, :-1]
+        changes[:, c - 1] = True  # the rank's two chunks are cut apart too
         pieces = []
         for row in range(b):
-            for half in range(2):
-                q0, q1 = half * c, (half + 1) * c
-                cut = [q0] + [q for q in range(q0 + 1, q1) if starts[row, q] != starts[row, q - 1]] + [q1]
-                for a, z in zip(cut, cut[1:]):
-                    pieces.append(Piece(row, a, z, int(held[a]), int(starts[row, a])))
+            cut = [0] + (torch.nonzero(changes[row]).flatten() + 1).tolist() + [2 * c]
+            firsts = starts[row, cut[:-1]].tolist()
+            for a, z, start in zip(cut, cut[1:], firsts):
+                pieces.append(Piece(row, a, z, int(held[a]), start))
         return ContextDocuments(tuple(pieces), exchange)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
@@ -146,7 +147,8 @@ class LocalContext:
 
     cp = 1
 
-    def split(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, …] whole rows → this rank's positions of them."""
         return x
 
     def documents(self, positions: torch.Tensor):

@@ -37,10 +37,10 @@ class ParallelContext:
     """The model's context object (scimoe/model/context.py's LocalContext) for cp > 1."""
 
     def __init__(self, dims: ParallelDims) -> None:
-        self.cp, self.rank, self.group = dims.cp, dims.groups.cp_rank, dims.groups.cp
+        self.dims, self.cp, self.rank, self.group = dims, dims.cp, dims.groups.cp_rank, dims.groups.cp
 
-    def split(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        return x.index_select(dim, chunk_indices(x.shape[dim], self.cp, self.rank, x.device))
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dims.context_share(x)
 
     def gather_row(self, x: torch.Tensor) -> torch.Tensor:
         return _GatherRow.apply(x, self.group, self.cp, self.rank)

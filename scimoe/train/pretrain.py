@@ -85,7 +85,7 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
                 records.append(record)
                 summary = (f"loss {result.loss:.4f} | lm {result.lm_loss:.4f} | bal {result.balance_loss:.4f} | "
                            f"gnorm {result.grad_norm:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s")
-                if not session.end_step(record, loader.state_dict(), summary):
+                if not session.end_step(record, loader.state_dict, summary):
                     break
         finally:
             if isinstance(loader, StreamLoader):

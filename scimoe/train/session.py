@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 import shutil
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -223,9 +223,9 @@ class Session:
         """Sync, clip and step after the backward unless `loss` or the grad norm is not finite (see apply_update)."""
         return apply_update(self.model, self.optimizer, self.dims, self.cfg.train.grad_clip, loss)
 
-    def end_step(self, record: dict, data_state: dict, summary: str) -> bool:
+    def end_step(self, record: dict, data_state: dict | Callable[[], dict], summary: str) -> bool:
         """Log the step, enforce the skipped-steps guard, save when due; False when the run must stop now
-        (a checkpoint was saved)."""
+        (a checkpoint was saved). `data_state` may be a function, asked (on every rank) only when saving."""
         cfg, step = self.cfg, record["step"]
         self.reached = step
         self.logger.log(record)
@@ -241,7 +241,7 @@ class Session:
         stopping = self.stop.should_stop(self.dims.any_rank)
         leaving = stopping or bool(cfg.train.exit_after_steps and step - self.start >= cfg.train.exit_after_steps)
         if last or leaving or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            self.save(step, data_state)
+            self.save(step, data_state() if callable(data_state) else data_state)
         if leaving and not last:
             why = f"stop requested ({self.stop.reason or 'another rank'})" if stopping else \
                 f"train.exit_after_steps={cfg.train.exit_after_steps} reached"

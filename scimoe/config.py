@@ -340,7 +340,9 @@ class DataConfig:
     synthetic_rows: int = 512
     """Rows the synthetic source generates (one epoch)."""
     streaming: bool = False
-    """Read multimodal records through HF datasets' streaming mode (no full copy in its cache)."""
+    """Read multimodal records through HF datasets' streaming mode (no full copy in its cache); the decoded
+    records are still all kept in memory: for data larger than host memory use data=shards (streamed tar
+    shards, scimoe/data/stream.py)."""
     max_bad_fraction: float = 0.01
     """Stop when more than this share of multimodal records are bad (each one is reported by file:line; streamed
     shards: by shard and member, over the samples read so far, from 20 on)."""

@@ -89,15 +89,17 @@ def test_a_tool_trajectory_masks_responses_and_its_cache_scores_like_a_full_forw
 
 @pytest.mark.slow
 def test_grpo_with_tools_raises_the_reward_and_the_share_of_well_formed_calls(tmp_path):
-    """Measured (seed 1234): reward 0.31 → 0.78 and well-formed calls 0.82 → 1.0 over 80 steps from the warm
-    start; the test runs 50 steps, ~25 s."""
+    """50 steps of 8 prompts × 8 samples from the warm start, ~50 s. Measured over train.seed 1234, 1, 2, 3, 4:
+    mean reward of the last 10 steps minus the first 10 steps is 0.25-0.43 (well-formed calls 0.80-0.83 → 1.0).
+    With 4 prompts per step the rise depended on the seed and on the CPU's kernels (+0.07 to +0.35 over 50
+    steps, one seed +0.08 after 80): too noisy for a test of whether GRPO learns."""
     cfg, _, model = _warm_policy(150)
     state = checkpoint.tensor_state(model)
     from omegaconf import OmegaConf
 
     start = checkpoint.write(str(tmp_path / "warm"), 0, {n: (n, t, shards.placement(t, None)) for n, t in state.items()},
                              None, None, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    run = compose_config(["recipe=grpo_tools", "train.steps=50", "grpo.prompts_per_step=4", "logger=jsonl",
+    run = compose_config(["recipe=grpo_tools", "train.steps=50", "grpo.prompts_per_step=8", "logger=jsonl",
                           f"checkpoint.init_weights={start}"])
     records = grpo(run, str(tmp_path / "run"))
     first, last = records[:10], records[-10:]

@@ -562,6 +562,10 @@ class GRPOConfig:
     """Sample with the KV cache (False re-runs the whole sequence per token: the benchmark baseline)."""
     rewards: dict[str, float] = field(default_factory=lambda: {"exact_match": 1.0})
     """Reward functions (exact_match, think_format, tool_call_json or allow-listed dotted paths) → weights."""
+    reward_errors: str = "zero"
+    """A reward function that raises (a verifier bug): `zero` scores that part 0 and counts the sample in the
+    step's `reward_errors` metric, `stop` stops the run naming the function. A step whose every reward failed
+    stops the run either way."""
     scale_std: bool = True
     """Divide group-centred rewards by the group's std (False: only centre them, as Dr. GRPO does)."""
     std: str = "population"
@@ -612,6 +616,8 @@ class GRPOConfig:
         _require(0 <= self.clip_low < 1, "grpo.clip_low", f"must be in [0, 1), got {self.clip_low}")
         _require(self.clip_high >= 0, "grpo.clip_high", "must be >= 0")
         _require(self.kl_coef >= 0, "grpo.kl_coef", "must be >= 0")
+        _require(self.reward_errors in ("zero", "stop"), "grpo.reward_errors",
+                 f"must be zero or stop, got '{self.reward_errors}'")
         for name, weight in self.rewards.items():
             _require(math.isfinite(weight), f"grpo.rewards.{name}", f"must be a finite weight, got {weight}")
         _require(0 < self.top_p <= 1, "grpo.top_p", "must be in (0, 1]")

@@ -178,4 +178,9 @@ def import_main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    {"export": export_main, "import": import_main}[sys.argv[1]](sys.argv[2:])
+    COMMANDS = {"export": export_main, "import": import_main}
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print("usage: python -m scimoe.convert.cli {export,import} ... (the same arguments as scimoe-export and "
+              "scimoe-import)", file=sys.stderr)
+        sys.exit(2)
+    COMMANDS[sys.argv[1]](sys.argv[2:])

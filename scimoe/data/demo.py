@@ -153,10 +153,13 @@ def write_demo_set(folder: str) -> str:
             f.write(json.dumps(record) + "\n")
     try:
         os.rename(staging, folder)
-    except OSError:  # another rank was first: its copy is the same
+    except OSError as err:
         import shutil
 
         shutil.rmtree(staging, ignore_errors=True)
+        if not os.path.exists(path):  # not a lost race: nobody wrote the set, so the error is real
+            raise OSError(err.errno, f"cannot write the demo data set into {folder}: {err.strerror}") from err
+        # another rank was first: its copy is the same
     return path
 
 

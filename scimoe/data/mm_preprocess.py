@@ -16,6 +16,7 @@ import base64
 import io
 import json
 import os
+import shutil
 from typing import Iterator
 
 import numpy as np
@@ -90,9 +91,21 @@ def preprocess_multimodal(inputs: list[str], out: str, tokenizer: str | None, vo
     from scimoe.config import compose_config
 
     model = compose_config([f"model={model_preset}", *(overrides or [])]).model
+    created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
+    try:
+        return _write(inputs, out, tokenizer, vocab_size, model_preset, model, shard_mb, progress)
+    except BaseException:
+        if created:  # a failed run leaves no half-written output folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write(inputs: list[str], out: str, tokenizer: str | None, vocab_size: int, model_preset: str, model,
+           shard_mb: float, progress: bool) -> dict:
     tok_path = os.path.join(out, "tokenizer.json")
-    tok = load_tokenizer(tokenizer, vocab_size) if tokenizer else train_bpe(list(_texts(inputs)), vocab_size)
+    tok = load_tokenizer(tokenizer, vocab_size, size_key="--vocab-size") if tokenizer else \
+        train_bpe(list(_texts(inputs)), vocab_size)
     tok.save(tok_path)
     skipped: list[str] = []
     meta = {"tokenizer": "tokenizer.json", "model": model_preset,

@@ -2,8 +2,9 @@
 bar and a summary of what was skipped.
 
 Run: `scimoe-preprocess corpus.jsonl more.parquet notes.txt --out data/corpus [--tokenizer tok.json |
---vocab-size 4096] [--text-key text] [--pack 4096]`. Inputs are read through HF datasets: .jsonl records
-(`--text-key`), .parquet columns, .txt paragraphs (blank-line separated). Without --tokenizer a byte-level
+--vocab-size 4096] [--text-key text] [--pack 4096]`. Inputs: .jsonl records
+(`--text-key`, read line by line), .parquet columns (HF datasets), .txt paragraphs (blank-line separated); a binary
+file is refused by name (exit 2). Without --tokenizer a byte-level
 BPE is trained on the inputs and saved as OUT.tokenizer.json. Every document ends with EOS. Records that
 are not JSON or have no text are skipped and listed (file:line). `--pack N` also writes
 OUT.packed.safetensors (input_ids, positions, labels of N-token rows). Then train with
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from tqdm import tqdm
@@ -25,14 +27,23 @@ from scimoe.data.packing import pack_documents
 from scimoe.data.tokenizer import EOS, load_tokenizer, train_bpe
 
 
+def refuse_binary(path: str) -> None:
+    """ValueError naming `path` when it is not a text file (a NUL byte in its first 64 KiB)."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    if b"\0" in head:
+        raise ValueError(f"{path}: not a text file (a NUL byte at offset {head.index(0)}); inputs are .jsonl records, "
+                         ".parquet columns or .txt paragraphs")
+
+
 def read_texts(path: str, text_key: str, skipped: list[str]) -> list[str]:
     from datasets import load_dataset
 
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            return [p.strip() for p in f.read().split("\n\n") if p.strip()]
     if path.endswith(".parquet"):
-        rows = load_dataset("parquet", data_files=path, split="train")
+        try:
+            rows = load_dataset("parquet", data_files=path, split="train")
+        except Exception as err:  # noqa: BLE001 (datasets wraps pyarrow's errors in its own)
+            raise ValueError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from err
         texts = []
         for i, row in enumerate(rows, 1):
             value = row.get(text_key)
@@ -41,9 +52,19 @@ def read_texts(path: str, text_key: str, skipped: list[str]) -> list[str]:
             else:
                 skipped.append(f"{path}:{i}: no text in column '{text_key}'")
         return texts
+    refuse_binary(path)
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [p.strip() for p in f.read().split("\n\n") if p.strip()]
     texts = []
-    for i, line in enumerate(load_dataset("text", data_files=path, split="train"), 1):
-        raw = line["text"]
+    with open(path, "rb") as f:  # JSON lines, each decoded on its own so that one bad line is one skipped record
+        lines = f.readlines()
+    for i, encoded in enumerate(lines, 1):
+        try:
+            raw = encoded.decode("utf-8")
+        except UnicodeDecodeError as err:
+            skipped.append(f"{path}:{i}: not UTF-8 text ({err.reason} at byte {err.start})")
+            continue
         if not raw.strip():
             continue
         try:
@@ -63,9 +84,11 @@ def preprocess(inputs: list[str], out: str, tokenizer: str | None, vocab_size: i
     skipped: list[str] = []
     texts = [t for path in inputs for t in read_texts(path, text_key, skipped)]
     if not texts:
-        raise ValueError(f"no text found in {inputs}")
+        raise ValueError(f"no text found in {', '.join(inputs)}" + (f" (first problem: {skipped[0]})" if skipped else ""))
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
     if tokenizer:
-        tok = load_tokenizer(tokenizer, vocab_size)
+        tok = load_tokenizer(tokenizer, vocab_size, size_key="--vocab-size")
     else:
         tok = train_bpe(texts, vocab_size)
         tok.save(f"{out}.tokenizer.json")
@@ -114,3 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     for line in summary.pop("skipped_records")[:50]:
         print(f"skipped {line}", file=sys.stderr)
     print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

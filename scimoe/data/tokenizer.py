@@ -86,11 +86,12 @@ def load_hf_tokenizer(folder: str, trust_remote_code: bool = False) -> HFTokeniz
         raise ConfigError(f"config error at 'data.tokenizer': {folder} does not load: {err}") from err
 
 
-def load_tokenizer(path: str, vocab_size: int, trust_remote_code: bool = False):
-    """A `tokenizers` JSON file, or `hf:FOLDER`, checked against the model's vocabulary."""
+def load_tokenizer(path: str, vocab_size: int, trust_remote_code: bool = False, size_key: str = "model.vocab_size"):
+    """A `tokenizers` JSON file, or `hf:FOLDER`, checked against the model's vocabulary (`size_key` names where
+    `vocab_size` came from in the error)."""
     tok = load_hf_tokenizer(path[3:], trust_remote_code) if path.startswith("hf:") else Tokenizer.from_file(path)
     if tok.get_vocab_size() > vocab_size:
-        raise ValueError(f"tokenizer {path} has {tok.get_vocab_size()} ids but model.vocab_size is {vocab_size}")
+        raise ValueError(f"tokenizer {path} has {tok.get_vocab_size()} ids but {size_key} is {vocab_size}")
     if tok.token_to_id(EOS) is None:
         raise ValueError(f"tokenizer {path} has no {EOS} token")
     return tok

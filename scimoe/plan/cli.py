@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from scimoe.config import Config
@@ -70,8 +72,15 @@ CONTEXT_FROM = 32768
 """Rows at least this long also try context parallelism (cp 2 to 16) in the search; shorter ones keep cp as given."""
 
 
-def candidates(cfg: Config) -> list[Plan]:
-    """Every valid (tp, pp, ep, cp) on cluster.gpus, tp within a node."""
+def refusal_key(err: Exception) -> str:
+    """The config key a refused layout's error names first (what to change), e.g. `train.global_batch`."""
+    found = re.search(r"\b((?:parallel|train|model|cluster)\.[a-z_.]+[a-z_])", str(err))
+    return found.group(1) if found else str(err)
+
+
+def candidates(cfg: Config, refused: Counter | None = None) -> list[Plan]:
+    """Every valid (tp, pp, ep, cp) on cluster.gpus, tp within a node; each refused one is counted in `refused`
+    under the key its error names first."""
     plans = []
     tps = [t for t in (1, 2, 4, 8) if t <= cfg.cluster.gpus_per_node]
     cps = (1, 2, 4, 8, 16) if cfg.train.seq_len >= CONTEXT_FROM else (cfg.parallel.cp,)
@@ -82,19 +91,21 @@ def candidates(cfg: Config) -> list[Plan]:
         trial = replace(cfg, parallel=replace(cfg.parallel, tp=tp, pp=pp, ep=ep, sequence_parallel=sp, cp=cp))
         try:
             plans.append(make_plan(trial))
-        except ValueError:
-            continue
+        except ValueError as err:
+            if refused is not None:
+                refused[refusal_key(err)] += 1
     return plans
 
 
-def suggest(cfg: Config, fastest: bool = False) -> Plan | None:
+def suggest(cfg: Config, fastest: bool = False, refused: Counter | None = None) -> Plan | None:
     """The layout with the fewest model-parallel GPUs (tp·pp·ep·cp) that fits under any recomputation mode and
     offload choice, then the fastest of those (its train.recompute and train.optimizer_offload say which);
-    `fastest`: the fitting layout with the shortest estimated step."""
+    `fastest`: the fitting layout with the shortest estimated step. Layouts refused outright are counted into
+    `refused` by the key that refused them."""
     fitting = []
     for mode, offload in itertools.product(("none", "selective", "full"), ("none", "cpu")):
         train = replace(cfg.train, recompute=mode, recompute_layers=None, optimizer_offload=offload)
-        fitting += [p for p in candidates(replace(cfg, train=train)) if p.fits()]
+        fitting += [p for p in candidates(replace(cfg, train=train), refused) if p.fits()]
     if not fitting:
         return None
     if fastest:
@@ -154,6 +165,21 @@ def describe(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def no_fit_message(cfg: Config, refused: Counter) -> str:
+    """Why no layout was found: the keys that refused layouts outright (the most frequent first), else memory."""
+    where = f"no layout fits on {cfg.cluster.gpus} × {cfg.cluster.gpu}"
+    if not refused:
+        return (f"{where}, even with full recomputation and optimizer offload: more GPUs or a smaller micro-batch / "
+                "sequence are needed")
+    total = sum(refused.values())
+    reasons = "; ".join(f"{key}: {n} of {total}" for key, n in refused.most_common())
+    key, n = refused.most_common(1)[0]
+    hint = (f" (train.global_batch={cfg.train.global_batch} must be a multiple of train.micro_batch × data-parallel "
+            f"size on {cfg.cluster.gpus} GPUs: change train.global_batch or cluster.gpus)"
+            if key == "train.global_batch" else "")
+    return f"{where}: layouts were refused by {reasons}; the first to change is {key}{hint}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="scimoe-plan", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for scimoe-train")
@@ -171,11 +197,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"scimoe-plan: layout not possible: {err}")
         ok = False
     if not ok:
-        found = suggest(cfg)
+        refused: Counter = Counter()
+        found = suggest(cfg, refused=refused)
         if found is None:
-            print(f"no layout fits on {cfg.cluster.gpus} × {cfg.cluster.gpu}, even with full recomputation and optimizer "
-                  "offload: more GPUs "
-                  "or a smaller micro-batch / sequence are needed")
+            print(no_fit_message(cfg, refused))
         else:
             p = found.cfg.parallel
             print(f"\nsmallest layout that fits: {_overrides(found)}\n" + describe(found))
@@ -184,3 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"\nfastest layout that fits: {_overrides(quick)} ({quick.step.step_s:.2f} s/step, "
                       f"{quick.memory.worst().total() / GIB:.1f} GiB per GPU)")
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -25,7 +25,7 @@ from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.expert import routes_token_shares
 from scimoe.rl.generate import Policy, sample
 from scimoe.rl.loss import group_advantages, tis_weight
-from scimoe.rl.rewards import build_reward
+from scimoe.rl.rewards import RewardFailure, build_reward
 from scimoe.rl.scoring import completions, logprob_head, policy_head, rollout_batch
 from scimoe.rl.tasks import build_task
 from scimoe.rl.tools import build_tools, sample_with_tools
@@ -55,6 +55,8 @@ class StepStats:
     """Tool calls that parsed and named an allowed tool."""
     skipped_groups: float = 0.0
     """Groups left out of the update because a reward was not finite."""
+    reward_errors: float = 0.0
+    """Completions whose reward function raised (scored 0 for that part, see grpo.reward_errors)."""
 
     def summed(self, dims: ParallelDims) -> "StepStats":
         values = torch.tensor(dataclasses.astuple(self), dtype=torch.float64)
@@ -77,9 +79,11 @@ def _check_layout(cfg: Config, dims: ParallelDims) -> None:
                           f"{g.group_size} sequences must split over parallel.tp ({dims.tp}) with tp × ep")
 
 
-def _score_rewards(reward, texts: list[list[str]], prompts, task, stats: StepStats) -> torch.Tensor:
-    """[B, G] rewards; a group with a non-finite reward is reported, counted and left out (all zeros)."""
-    rows = []
+def _score_rewards(reward, texts: list[list[str]], prompts, task, stats: StepStats, dims: ParallelDims,
+                   step: int) -> torch.Tensor:
+    """[B, G] rewards; a group with a non-finite reward is reported, counted and left out (all zeros). A step in
+    which every reward function call failed, on every rank, stops the run: nothing could be learnt from it."""
+    rows, errors_before = [], reward.errors
     for group, (ids, answer) in zip(texts, prompts):
         row = [reward(text, answer) for text in group]
         if not all(math.isfinite(r) for r in row):
@@ -88,6 +92,11 @@ def _score_rewards(reward, texts: list[list[str]], prompts, task, stats: StepSta
             stats.skipped_groups += 1
             row = [0.0] * len(row)
         rows.append(row)
+    stats.reward_errors = reward.errors - errors_before
+    failed, scored = dims.reduce_sum(torch.tensor([stats.reward_errors, sum(map(len, texts))], dtype=torch.float64))
+    if scored and failed == scored:
+        raise RewardFailure(f"step {step + 1}: the reward function raised for every one of the {int(scored)} "
+                            f"completions (see the first traceback above); stopping: nothing can be learnt from it")
     return torch.tensor(rows, dtype=torch.float64)
 
 
@@ -104,7 +113,7 @@ def grpo(cfg: Config, run_dir: str, dims: ParallelDims | None = None) -> list[di
         # Under expert parallelism every forward is a collective: ranks decode in step until all are done.
         everyone_done = (lambda mine: not dims.any_rank(not mine)) if dims.ep > 1 else None
         task = build_task(cfg)
-        reward = build_reward(dict(g.rewards))
+        reward = build_reward(dict(g.rewards), g.reward_errors)
         tools = build_tools(g, task)
         session.resume()
         generator = torch.Generator()
@@ -124,7 +133,7 @@ def grpo(cfg: Config, run_dir: str, dims: ParallelDims | None = None) -> list[di
             rollout_s = time.perf_counter() - began
             texts = [[task.tokenizer.decode(r.tokens[i, r.prompt_len:].tolist()[:int(r.completion_length[i])])
                       for i in range(g.group_size)] for r in rollouts]
-            rewards = _score_rewards(reward, texts, prompts, task, stats)
+            rewards = _score_rewards(reward, texts, prompts, task, stats, dims, step)
             advantages = group_advantages(rewards, g.scale_std, g.std).flatten().to(session.device)
             mask, rollout_logp = completions(rollouts)
             batch = rollout_batch(rollouts, g.router_replay, dims.tp if dims.sp else 1)
@@ -169,7 +178,7 @@ def grpo(cfg: Config, run_dir: str, dims: ParallelDims | None = None) -> list[di
                 "samples": int(n), "routing_mismatch": total.mismatch / dims.dp if g.router_replay else None,
                 "grad_norm": grad_norm, "lr": session.optimizer.lr, "tokens_per_s": tokens / seconds,
                 "rollout_s": rollout_s, "logprob_s": logprob_s, "update_s": update_s, "skipped": int(skipped),
-                "skipped_groups": int(total.skipped_groups),
+                "skipped_groups": int(total.skipped_groups), "reward_errors": int(total.reward_errors),
             }
             if tools is not None:
                 record["tool_calls_per_sample"] = total.tool_calls / n

@@ -4,7 +4,8 @@ Run: `scimoe-train model=tiny train.steps=50 hydra.run.dir=outputs/tiny`
 or under torchrun: `torchrun --nproc_per_node=4 -m scimoe.train parallel.ep=2` (gloo on CPU, NCCL on GPUs).
 A bad key, type or value stops the run before any work, naming the key and the override it came from
 (exit code 2, no traceback); so does a config error found later (a data source that does not exist). A run
-that cannot resume or save a checkpoint says why and exits 1. Tested by
+that cannot resume or save a checkpoint says why and exits 1; a checkpoints folder that cannot be listed
+stops it before anything is touched (exit 2). Tested by
 `python -m pytest tests/test_config.py tests/train/test_resume_robustness.py`.
 """
 from __future__ import annotations
@@ -46,7 +47,8 @@ def main() -> None:
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def run(cfg: DictConfig) -> None:
-    from scimoe.train.checkpoint_dir import CheckpointError, CheckpointSaveError
+    from scimoe.rl.rewards import RewardFailure
+    from scimoe.train.checkpoint_dir import CheckpointError, CheckpointFolderError, CheckpointSaveError
 
     try:
         config = validate(cfg)
@@ -55,7 +57,10 @@ def run(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"scimoe-train: {name_override(str(err), list(HydraConfig.get().overrides.task))}", file=sys.stderr)
         sys.exit(2)
-    except (CheckpointError, CheckpointSaveError) as err:
+    except CheckpointFolderError as err:
+        print(f"scimoe-train: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (CheckpointError, CheckpointSaveError, RewardFailure) as err:
         log.error("%s", err)
         print(f"scimoe-train: {err}", file=sys.stderr)
         sys.exit(1)

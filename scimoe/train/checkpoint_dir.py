@@ -39,6 +39,11 @@ class CheckpointError(ValueError):
     """No checkpoint can be resumed although some exist, or the one asked for is unusable."""
 
 
+class CheckpointFolderError(CheckpointError):
+    """The checkpoints folder exists but cannot be listed (permissions, I/O): nothing may be assumed about it,
+    so the run stops before touching anything (`scimoe-train` exits 2)."""
+
+
 class CheckpointSaveError(RuntimeError):
     """Writing a checkpoint failed (the message names it); the previous complete one is untouched."""
 
@@ -199,24 +204,31 @@ def read_marker(path: str) -> dict:
 
 
 def verify(path: str) -> list[str]:
-    """Files of checkpoint `path` that are missing or whose SHA-256 differs from its manifest."""
+    """What is wrong with the files of checkpoint `path`, one line a file: missing, unreadable (with the
+    errno), or a SHA-256 other than its manifest's."""
+    manifest_path = os.path.join(path, MANIFEST)
     try:
-        with open(os.path.join(path, MANIFEST), "rb") as f:
+        with open(manifest_path, "rb") as f:
             manifest = json.loads(f.read())
         if not isinstance(manifest, dict):
             raise ValueError("not an object")
-    except (OSError, ValueError):
-        return [os.path.join(path, MANIFEST)]
+    except FileNotFoundError:
+        return [f"{manifest_path} is missing"]
+    except OSError as err:
+        return [f"{manifest_path} cannot be read ({err})"]
+    except ValueError as err:
+        return [f"{manifest_path} is not a JSON object ({err})"]
     bad = []
     for name, digest in manifest.items():
         file = os.path.join(path, name)
         try:
             with open(file, "rb") as f:
-                ok = hashlib.file_digest(f, "sha256").hexdigest() == digest
-        except OSError:
-            ok = False
-        if not ok:
-            bad.append(file)
+                if hashlib.file_digest(f, "sha256").hexdigest() != digest:
+                    bad.append(f"{file} does not match {MANIFEST}")
+        except FileNotFoundError:
+            bad.append(f"{file} is missing")
+        except OSError as err:
+            bad.append(f"{file} cannot be read ({err})")
     return bad
 
 
@@ -230,7 +242,7 @@ def problem(path: str) -> str | None:
     except CheckpointError as err:
         return str(err)
     bad = verify(path)
-    return f"{path}: {', '.join(bad)} do not match {MANIFEST}" if bad else None
+    return f"{path}: " + "; ".join(bad) if bad else None
 
 
 def _readable(path: str) -> bool:
@@ -246,12 +258,16 @@ def is_complete(path: str) -> bool:
 
 
 def step_folders(run_dir: str) -> list[tuple[int, str]]:
-    """(step, folder) of every `step_N` folder, complete or not, oldest first."""
+    """(step, folder) of every `step_N` folder, complete or not, oldest first. Only a checkpoints folder that does
+    not exist means "none"; one that cannot be listed is a CheckpointFolderError naming it and the errno."""
     root = checkpoint_root(run_dir)
     try:
         names = os.listdir(root)
-    except OSError:
+    except FileNotFoundError:
         return []
+    except OSError as err:
+        raise CheckpointFolderError(f"{root} cannot be listed ({err}): refusing to guess whether it holds "
+                                    f"checkpoints; nothing was changed. Fix its permissions and run again") from err
     return sorted((int(m.group(1)), os.path.join(root, n)) for n in names if (m := _STEP_DIR.match(n)))
 
 

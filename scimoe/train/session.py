@@ -31,7 +31,7 @@ from scimoe.parallel.runtime import install_grad_buckets, master_shards, optimiz
 from scimoe.parallel.state import gather_coordinates, rank_grid
 from scimoe.train import checkpoint
 from scimoe.train.async_save import AsyncSaver
-from scimoe.train.checkpoint_dir import CheckpointSaveError
+from scimoe.train.checkpoint_dir import CheckpointSaveError, step_folders
 from scimoe.train.metrics import make_logger
 from scimoe.train.master import MasterOptimizer, cast_to_bf16
 from scimoe.train.optim import build_optimizer, lr_at
@@ -101,6 +101,8 @@ class Session:
         dims.check_sequence(cfg.train.seq_len)
         self.dims = dims.build_groups()
         os.makedirs(run_dir, exist_ok=True)
+        if cfg.checkpoint.resume in ("auto", "auto_or_fresh"):
+            step_folders(run_dir)  # an unlistable checkpoints folder stops the run before it touches anything
         coordinates = gather_coordinates(self.dims)
         if self.dims.rank == 0:
             log.info("layout %s, run dir %s", self.dims.describe(), run_dir)

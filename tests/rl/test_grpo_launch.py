@@ -22,7 +22,10 @@ def test_two_data_parallel_ranks_share_the_prompts_and_log_once(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     # 8 prompts × 8 samples per step over both ranks, one token each: the counts were summed over ranks
     assert all(r["samples"] == 64 and r["response_length"] == 1.0 for r in records)
-    assert all(0 <= r["reward_mean"] <= 1 for r in records)
+    for r in records:  # 0/1 rewards summed over both ranks: a mean in 64ths whose std is that of a Bernoulli
+        hits = r["reward_mean"] * 64
+        assert abs(hits - round(hits)) < 1e-9, r["reward_mean"]
+        assert abs(r["reward_std"] - (r["reward_mean"] * (1 - r["reward_mean"])) ** 0.5) < 1e-9, r
     assert (tmp_path / "run" / "checkpoints" / "step_00000003" / "COMPLETE").exists()
     assert sorted(p for p in os.listdir(tmp_path / "run" / "checkpoints" / "step_00000003") if p.startswith("model")) \
         == ["model_rank00000.safetensors", "model_rank00001.safetensors"]

@@ -1,9 +1,11 @@
 """Rule-based rewards: `python -m pytest tests/rl/test_rewards.py`."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from scimoe.rl.rewards import build_reward, exact_match, think_format, tool_call_json
+from scimoe.rl.rewards import RewardFailure, build_reward, exact_match, think_format, tool_call_json
 
 
 def test_exact_match_reads_the_answer_after_the_think_block():
@@ -35,3 +37,48 @@ def test_weighted_rewards_and_user_functions_through_the_allow_list(monkeypatch)
 
 def always_one(completion: str, answer: str) -> float:
     return 1.0
+
+
+_calls = {"n": 0}
+
+
+def fails_every_fourth_call(completion: str, answer: str) -> float:
+    _calls["n"] += 1
+    if _calls["n"] % 4 == 0:
+        raise ZeroDivisionError("a verifier bug")
+    return 1.0
+
+
+def always_fails(completion: str, answer: str) -> float:
+    raise KeyError("a verifier bug")
+
+
+def test_a_raising_reward_is_counted_not_silently_zero(monkeypatch, caplog):
+    monkeypatch.setenv("SCIMOE_ALLOWED_TARGETS", "tests.rl")
+    _calls["n"] = 0
+    reward = build_reward({"tests.rl.test_rewards.fails_every_fourth_call": 1.0, "exact_match": 1.0})
+    with caplog.at_level("WARNING", logger="scimoe"):
+        scores = [reward("7", "7") for _ in range(8)]
+    assert scores == [2.0, 2.0, 2.0, 1.0] * 2 and reward.errors == 2
+    assert len(caplog.records) == 1 and "raised ZeroDivisionError: a verifier bug" in caplog.text  # reported once
+    _calls["n"] = 3
+    stopping = build_reward({"tests.rl.test_rewards.fails_every_fourth_call": 1.0}, on_error="stop")
+    with pytest.raises(RewardFailure, match=r"grpo.rewards.tests.rl.test_rewards.fails_every_fourth_call raised "
+                                            r"ZeroDivisionError.*grpo.reward_errors=stop"):
+        stopping("7", "7")
+
+
+def test_grpo_logs_reward_errors_per_step_and_stops_when_every_reward_failed(tmp_path, monkeypatch):
+    from scimoe.config import compose_config
+    from scimoe.rl.grpo import grpo
+
+    monkeypatch.setenv("SCIMOE_ALLOWED_TARGETS", "tests.rl")
+    _calls["n"] = 0
+    cfg = compose_config(["recipe=grpo", "train.steps=2", "logger=jsonl"])
+    cfg.grpo.rewards = {"tests.rl.test_rewards.fails_every_fourth_call": 1.0}
+    records = grpo(cfg, str(tmp_path / "some"))
+    assert [r["reward_errors"] for r in records] == [16, 16]  # 64 completions a step, every fourth raised
+    cfg.grpo.rewards = {"tests.rl.test_rewards.always_fails": 1.0}
+    with pytest.raises(RewardFailure, match="step 1: the reward function raised for every one of the 64"):
+        grpo(cfg, str(tmp_path / "all"))
+    assert not os.path.exists(tmp_path / "all" / "checkpoints")  # nothing was trained on it

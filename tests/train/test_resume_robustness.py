@@ -121,6 +121,37 @@ def test_an_unreadable_newest_checkpoint_is_reported_kept_and_never_deleted(run4
     assert _steps(run4) == [1, 2, 3, 4, 5, 6] and checkpoint_dir.problem(newest) is None
 
 
+def test_an_unlistable_checkpoints_folder_stops_the_run_before_anything_is_touched(run4, monkeypatch):
+    root = checkpoint.checkpoint_root(run4)
+    real_listdir = os.listdir
+
+    def listdir(path="."):
+        if os.path.abspath(path) == os.path.abspath(root):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)  # as root chmod 000 alone does not deny listing
+    metrics_before = open(os.path.join(run4, "metrics.jsonl")).read()
+    with pytest.raises(checkpoint_dir.CheckpointFolderError, match=r"checkpoints cannot be listed \(\[Errno 13\]"):
+        pretrain(_cfg(6), run4)
+    with pytest.raises(checkpoint_dir.CheckpointFolderError):
+        pretrain(_cfg(6, on_save_error="continue"), run4)
+    monkeypatch.undo()
+    assert open(os.path.join(run4, "metrics.jsonl")).read() == metrics_before  # not truncated
+    assert os.path.exists(os.path.join(run4, "FINISHED"))  # the finished run stays finished
+    assert sorted(os.listdir(root)) == ["step_00000002", "step_00000004"]  # nothing moved aside
+
+
+def test_an_unreadable_weight_file_is_reported_as_unreadable_not_as_a_mismatch(run4):
+    newest = checkpoint.step_dir(run4, 4)
+    weights = os.path.join(newest, "model_rank00000.safetensors")
+    os.remove(weights)
+    os.mkdir(weights)  # open() fails with EISDIR, as an unreadable file fails with EACCES
+    assert checkpoint_dir.problem(newest) == f"{newest}: {weights} cannot be read ([Errno 21] Is a directory: '{weights}')"
+    os.rmdir(weights)
+    assert checkpoint_dir.problem(newest) == f"{newest}: {weights} is missing"
+
+
 def test_when_every_checkpoint_is_corrupt_the_run_stops_listing_them(run4, tmp_path):
     for step in (2, 4):
         with open(os.path.join(checkpoint.step_dir(run4, step), "model_rank00000.safetensors"), "r+b") as f:

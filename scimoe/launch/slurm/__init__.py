@@ -11,6 +11,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -79,8 +80,17 @@ def main(argv: list[str] | None = None) -> None:
         run_dirs = [o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.run.dir=")]
         if run_dirs:
             os.makedirs(run_dirs[-1], exist_ok=True)  # the #SBATCH --output folder
-        out = subprocess.run(["sbatch"], input=script, text=True, capture_output=True)
+        sbatch = shutil.which("sbatch")
+        if sbatch is None:
+            print("scimoe-launch: --submit needs Slurm's sbatch, which is not on PATH; run on a Slurm login node, or "
+                  "write the script with --out FILE and submit it there", file=sys.stderr)
+            sys.exit(2)
+        out = subprocess.run([sbatch], input=script, text=True, capture_output=True)
         print(out.stdout or out.stderr, end="")
         sys.exit(out.returncode)
     if not args.out:
         print(script, end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,8 @@ from scimoe.config import register_configs, validate
 from scimoe.launch.run_dir import register_resolvers
 from scimoe.registry import resolve_target
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _compose(*overrides: str):
     register_configs()
@@ -91,6 +93,15 @@ def test_cli_config_errors_exit_2_without_a_traceback(tmp_path, override):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_repeated_key_is_blamed_on_the_override_hydra_applied():
+    from scimoe.config import ConfigError
+    from scimoe.train.overrides import check_command_line
+
+    with pytest.raises(ConfigError) as err:
+        check_command_line(["train.steps=2", "train.steps=abc", "hydra.run.dir=x"])
+    assert "(override 'train.steps=abc')" in str(err.value)
+
+
 def test_registry_resolves_aliases_and_allowed_paths_only(monkeypatch):
     assert resolve_target("text", "data.source", {"text": "scimoe.data.text.text_rows"}).__name__ == "text_rows"
     with pytest.raises(ValueError, match=r"data\.source.*os\.system"):
@@ -107,7 +118,14 @@ def test_run_id_is_shared_by_ranks_of_one_launch():
 
     assert run_id({"SLURM_JOB_ID": "42"}) == "slurm-42"
     assert run_id({"TORCHELASTIC_RUN_ID": "abc"}) == "torchrun-abc"
-    # Two "ranks" of one standalone torchrun share their parent: same id.
-    env = {"TORCHELASTIC_RUN_ID": "none", "LOCAL_RANK": "0"}
-    assert run_id(env) == run_id(dict(env, LOCAL_RANK="1"))
-    assert os.getppid() > 0
+    # Two "ranks" of one standalone torchrun, started seconds apart under one parent, share the parent's
+    # start time as their id (each one's own clock would give two different ids).
+    child = "from scimoe.launch.run_dir import run_id; print(run_id())"
+    script = (f"sleep 1.5; LOCAL_RANK=0 {sys.executable} -c '{child}'; sleep 1.5; "
+              f"LOCAL_RANK=1 {sys.executable} -c '{child}'; true")  # `true`: bash must not exec the last one
+    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "LOCAL_RANK")}
+    out = subprocess.run(["bash", "-c", script], env=dict(env, TORCHELASTIC_RUN_ID="none", PYTHONPATH=REPO),
+                         capture_output=True, text=True, timeout=120)
+    first, second = out.stdout.split()
+    assert first == second, (first, second)
+    assert first != run_id({})  # not "now": the parent started at least 3 s ago

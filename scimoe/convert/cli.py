@@ -1,7 +1,7 @@
 """`scimoe-export` and `scimoe-import`: scimoe checkpoints ↔ Hugging Face folders.
 
-Run: `scimoe-export RUN/checkpoints/step_00000050 OUT [--layout intern_s1_pro|qwen3_moe]` gathers the slices of
-any layout's checkpoint into `safetensors` shards + `config.json` (no process group needed: the checkpoint's
+Run: `scimoe-export RUN/checkpoints/step_00000050 OUT [--layout intern_s1_pro|qwen3_moe]` (or RUN for its newest
+usable checkpoint) gathers the slices of any layout's checkpoint into `safetensors` shards + `config.json` (no process group needed: the checkpoint's
 pieces say where they belong); under `torchrun --nproc_per_node=N -m scimoe.convert.cli export …` every rank
 writes its share of the shards and rank 0 the index. `scimoe-import HF_DIR OUT` writes a weights-only scimoe
 checkpoint that any layout starts from with `checkpoint.init_weights=PATH`; a large folder needs no import:
@@ -62,6 +62,15 @@ def export(path: str, out: str, layout: str = "intern_s1_pro", max_shard_bytes: 
            world: int = 1, barrier=lambda: None) -> list[str]:
     """Write checkpoint `path` (any layout) as a HF folder `out`; rank r of `world` writes files r, r + world, …
     Returns the shard file names."""
+    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, checkpoint.MARKER)) and \
+            not os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ValueError(f"{path} is not a scimoe checkpoint: expected a folder such as RUN/checkpoints/step_00000050 "
+                         f"holding a {checkpoint.MARKER} marker, or a run folder RUN")
+    if not os.path.exists(os.path.join(path, checkpoint.MARKER)):  # a run folder: its newest usable checkpoint
+        newest = checkpoint.find_resume_path(path, "auto", "scimoe-export RUN")
+        if newest is None:
+            raise ValueError(f"{path} has no complete checkpoint to export")
+        path = newest
     path = checkpoint.find_resume_path("", path, "scimoe-export CHECKPOINT")
     cfg = checkpoint_model_config(path)
     hf.check_exportable(cfg, layout)
@@ -145,7 +154,8 @@ def _distributed() -> tuple[int, int, object]:
 
 def export_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="scimoe-export", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a complete checkpoint folder, e.g. RUN/checkpoints/step_00000050")
+    parser.add_argument("checkpoint", help="a complete checkpoint folder, e.g. RUN/checkpoints/step_00000050, or a "
+                        "run folder RUN (its newest usable checkpoint)")
     parser.add_argument("out", help="output folder (replaced)")
     parser.add_argument("--layout", choices=hf.LAYOUTS, default="intern_s1_pro")
     parser.add_argument("--max-shard-gb", type=float, default=5.0)

@@ -36,11 +36,14 @@ def read_config(folder: str) -> ModelConfig:
     path = os.path.join(folder, "config.json")
     try:
         with open(path) as f:
-            return hf.model_config(json.load(f))
+            config = json.load(f)
+        if not isinstance(config, dict):
+            raise HFFolderError(f"{path}: not a usable config (a JSON {type(config).__name__}, not an object)")
+        return hf.model_config(config)
     except FileNotFoundError as err:
         raise HFFolderError(f"{path} is missing: not a Hugging Face model folder") from err
     except (ValueError, KeyError) as err:
-        if isinstance(err, ConfigError):
+        if isinstance(err, (ConfigError, HFFolderError)):
             raise
         raise HFFolderError(f"{path}: not a usable config ({type(err).__name__}: {err})") from err
 

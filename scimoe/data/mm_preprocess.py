@@ -113,6 +113,7 @@ def _write(inputs: list[str], out: str, tokenizer: str | None, vocab_size: int, 
             "timeseries": {"max_samples": model.timeseries.max_samples}, "sources": inputs}
     index = write_shards(_samples(inputs, tok, model, skipped, progress), out, int(shard_mb * 2**20), meta)
     if not index["samples"]:
-        raise ValueError(f"no usable multimodal record in {inputs} (first problem: {skipped[:1]})")
+        raise ValueError(f"no usable multimodal record in {', '.join(inputs)}: " +
+                         (f"{len(skipped)} skipped, the first: {skipped[0]}" if skipped else "no records at all"))
     return {"samples": index["samples"], "shards": len(index["shards"]), "skipped": len(skipped),
             "skipped_records": skipped, "out": out}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from importlib import resources
 
+from scimoe.config import ConfigError
 from scimoe.data.packing import PackedRows, pack_documents
 from scimoe.data.tokenizer import EOS, tokenizer_for_run
 
@@ -21,10 +22,10 @@ def read_documents(path: str) -> list[str]:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"data.path: cannot read corpus '{path}': {err}") from err
+        raise ConfigError(f"config error at 'data.path': cannot read corpus '{path}': {err}") from err
     docs = [d.strip() for d in text.split("\n\n") if d.strip()]
     if not docs:
-        raise ValueError(f"data.path: corpus '{path}' has no text")
+        raise ConfigError(f"config error at 'data.path': corpus '{path}' has no text")
     return docs
 
 

@@ -73,7 +73,10 @@ CONTEXT_FROM = 32768
 
 
 def refusal_key(err: Exception) -> str:
-    """The config key a refused layout's error names first (what to change), e.g. `train.global_batch`."""
+    """What refused a layout: `cluster.gpus` when its sizes do not divide the world, else the config key its error
+    names first (what to change), e.g. `train.global_batch`."""
+    if str(err).startswith("world size"):
+        return "cluster.gpus"
     found = re.search(r"\b((?:parallel|train|model|cluster)\.[a-z_.]+[a-z_])", str(err))
     return found.group(1) if found else str(err)
 
@@ -166,18 +169,21 @@ def describe(plan: Plan) -> str:
 
 
 def no_fit_message(cfg: Config, refused: Counter) -> str:
-    """Why no layout was found: the keys that refused layouts outright (the most frequent first), else memory."""
+    """Why no layout was found: what refused the layouts whose sizes divide the GPUs (the most frequent first),
+    else memory."""
     where = f"no layout fits on {cfg.cluster.gpus} × {cfg.cluster.gpu}"
+    undivided = refused.pop("cluster.gpus", 0)
     if not refused:
+        if undivided and not sum(refused.values()):
+            return f"{where}: no tried layout's tp × pp × ep × cp divides {cfg.cluster.gpus}: change cluster.gpus"
         return (f"{where}, even with full recomputation and optimizer offload: more GPUs or a smaller micro-batch / "
                 "sequence are needed")
-    total = sum(refused.values())
-    reasons = "; ".join(f"{key}: {n} of {total}" for key, n in refused.most_common())
-    key, n = refused.most_common(1)[0]
-    hint = (f" (train.global_batch={cfg.train.global_batch} must be a multiple of train.micro_batch × data-parallel "
-            f"size on {cfg.cluster.gpus} GPUs: change train.global_batch or cluster.gpus)"
-            if key == "train.global_batch" else "")
-    return f"{where}: layouts were refused by {reasons}; the first to change is {key}{hint}"
+    reasons = ", ".join(f"{key} ({n})" for key, n in refused.most_common())
+    key = refused.most_common(1)[0][0]
+    hint = (f": train.global_batch={cfg.train.global_batch} must be a multiple of train.micro_batch × the "
+            f"data-parallel size, so change train.global_batch or cluster.gpus" if key == "train.global_batch" else "")
+    return (f"{where}: {sum(refused.values())} layouts whose sizes divide {cfg.cluster.gpus} GPUs were refused by "
+            f"{reasons} ({undivided} others do not divide them); the first to change is {key}{hint}")
 
 
 def main(argv: list[str] | None = None) -> None:

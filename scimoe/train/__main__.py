@@ -61,7 +61,6 @@ def run(cfg: DictConfig) -> None:
         print(f"scimoe-train: {err}", file=sys.stderr)
         sys.exit(2)
     except (CheckpointError, CheckpointSaveError, RewardFailure) as err:
-        log.error("%s", err)
         print(f"scimoe-train: {err}", file=sys.stderr)
         sys.exit(1)
     finally:

@@ -19,13 +19,15 @@ def _key(override: str) -> str:
 
 
 def name_override(message: str, overrides: list[str]) -> str:
-    """`message` with the command-line override that set the key it names, when there is one."""
+    """`message` with the command-line override that set the key it names, when there is one (the last one that
+    names it: that is the one Hydra applied)."""
     match = re.search(r"config error at '([^']+)'", message)
     if not match:
         return message
     key = match.group(1)
-    source = next((o for o in overrides if _key(o) == key), None) or \
-        next((o for o in overrides if key.startswith(_key(o) + ".")), None)
+    last_first = overrides[::-1]
+    source = next((o for o in last_first if _key(o) == key), None) or \
+        next((o for o in last_first if key.startswith(_key(o) + ".")), None)
     if source is None:
         return message
     return message.replace(f"config error at '{key}'", f"config error at '{key}' (override '{source}')", 1)

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from scimoe.config import Config
+from scimoe.config import Config, ConfigError
 from scimoe.launch.run_dir import clear_finished, mark_finished
 from scimoe.model import MoETransformer, build_model
 from scimoe.parallel.dims import ParallelDims
@@ -101,8 +101,12 @@ class Session:
         dims.check_sequence(cfg.train.seq_len)
         self.dims = dims.build_groups()
         os.makedirs(run_dir, exist_ok=True)
-        if cfg.checkpoint.resume in ("auto", "auto_or_fresh"):
-            step_folders(run_dir)  # an unlistable checkpoints folder stops the run before it touches anything
+        # an unlistable checkpoints folder stops the run here, before it touches anything
+        saved = step_folders(run_dir) if cfg.checkpoint.resume in ("auto", "auto_or_fresh") else []
+        source = cfg.checkpoint.init_weights.removeprefix("hf:")
+        if source and not saved and not os.path.isdir(source):
+            raise ConfigError(f"config error at 'checkpoint.init_weights': {source} is not a folder (a checkpoint "
+                              "such as RUN/checkpoints/step_00000050, or hf:FOLDER for a Hugging Face folder)")
         coordinates = gather_coordinates(self.dims)
         if self.dims.rank == 0:
             log.info("layout %s, run dir %s", self.dims.describe(), run_dir)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--submit", action="store_true", help="pass the script to sbatch")
     parser.add_argument("--out", help="write the script here instead of printing it")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for scimoe-train")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags before or after the overrides
     try:
         script = sbatch_script(args.overrides)
     except Exception as err:  # noqa: BLE001 (Hydra's and our config errors alike)
@@ -90,7 +90,3 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(out.returncode)
     if not args.out:
         print(script, end="")
-
-
-if __name__ == "__main__":
-    main()

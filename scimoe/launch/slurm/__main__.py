@@ -1,0 +1,4 @@
+"""`python -m scimoe.launch.slurm` ≡ `scimoe-launch`."""
+from scimoe.launch.slurm import main
+
+main()

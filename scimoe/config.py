@@ -277,6 +277,9 @@ class TrainConfig:
     2 CPU threads the default gather/scatter backward kernels differ run to run in the last bit."""
     max_minutes: float = 0.0
     """Save and exit cleanly once this much wall time has passed (0 = no limit); SIGTERM/SIGUSR1 do the same."""
+    signal_grace_s: float = 300.0
+    """After SIGTERM, a rank that has not saved and exited within this many seconds (blocked in a collective whose
+    peer died, or a save too slow) prints where it is stuck and exits with code 143, without a checkpoint."""
     exit_after_steps: int = 0
     """Save and exit after this many steps in this process (Megatron's exit-interval, for job chains); 0 = off."""
     max_skipped_in_a_row: int = 10
@@ -301,6 +304,7 @@ class TrainConfig:
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _require(self.exit_after_steps >= 0, "train.exit_after_steps", "must be >= 0")
         _require(self.max_minutes >= 0, "train.max_minutes", "must be >= 0")
+        _require(self.signal_grace_s > 0, "train.signal_grace_s", "must be positive")
         _require(self.max_skipped_in_a_row >= 1, "train.max_skipped_in_a_row", "must be >= 1")
         _require(self.seed >= 0, "train.seed", "must be >= 0")
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
@@ -395,9 +399,14 @@ class ParallelConfig:
     grad_reduce_dtype: str = "fp32"
     """With train.dtype=bf16: gradients accumulate over micro-batches and are summed over data-parallel ranks in
     `fp32` (megatron's accumulate_allreduce_grads_in_fp32) or `bf16` (half the buffer and traffic)."""
+    collective_timeout_s: float = 600.0
+    """Every process group's timeout: a collective that waits longer for a peer (a rank that died, or hangs) fails
+    on this rank, which then exits non-zero instead of waiting forever. Keep it above the longest legitimate wait
+    between two collectives (a synchronous checkpoint save, a first-use kernel build)."""
 
     def __post_init__(self) -> None:
         _require(self.grad_bucket_mb > 0, "parallel.grad_bucket_mb", "must be positive")
+        _require(self.collective_timeout_s > 0, "parallel.collective_timeout_s", "must be positive")
         for key in ("tp", "pp", "ep", "etp", "cp"):
             _require(getattr(self, key) >= 1, f"parallel.{key}", "must be >= 1")
         _require(self.zero in (0, 1), "parallel.zero", f"must be 0 or 1, got {self.zero}")

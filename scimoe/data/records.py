@@ -22,6 +22,10 @@ class BadRecord(ValueError):
     """A record that cannot be used (the message says why)."""
 
 
+class TooManyBadRecords(ValueError):
+    """More of a source's records or samples were bad than its limit allows (the message names the first)."""
+
+
 def iter_records(path: str, streaming: bool = False) -> Iterator[tuple[int, object]]:
     """(line or row number from 1, record) of a .jsonl or .parquet file; a JSON line that does not parse
     comes as a BadRecord, blank lines not at all."""
@@ -70,4 +74,5 @@ def check_bad_share(bad: list[str], good: int, limit: float, key: str, path: str
         log.warning("... and %d more bad records", len(bad) - 20)
     total = good + len(bad)
     if total and len(bad) / total > limit:
-        raise ValueError(f"{len(bad)} of {total} records of {path} are bad (first: {bad[0]}), more than {key}={limit}")
+        raise TooManyBadRecords(f"{len(bad)} of {total} records of {path} are bad (first: {bad[0]}), more than "
+                                f"{key}={limit}")

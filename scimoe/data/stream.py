@@ -27,6 +27,8 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 from collections import deque
 from types import SimpleNamespace
 
@@ -36,7 +38,7 @@ import torch
 from scimoe.config import ConfigError
 from scimoe.data.multimodal import load_image
 from scimoe.data.packing import Document, PackReport, RowFiller
-from scimoe.data.records import BadRecord
+from scimoe.data.records import BadRecord, TooManyBadRecords
 from scimoe.data.tar_shards import RawSample, ShardError, read_index, read_samples
 from scimoe.data.tokenizer import EOS, load_tokenizer
 from scimoe.model.timeseries import ts_token_count
@@ -84,6 +86,18 @@ def decode_sample(raw: RawSample, seq_len: int, vision: dict, placeholders: tupl
     return doc.splittable(seq_len, skipped), None, skipped
 
 
+def _die_with_parent(parent: int) -> None:
+    """Decode-worker initializer: the kernel kills this worker when the training process dies, even by SIGKILL
+    (Linux's PR_SET_PDEATHSIG; elsewhere the pool's own shutdown is all there is)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+
 class _Inline:
     """An executor that runs each task when submitted (data.workers=0)."""
 
@@ -107,8 +121,8 @@ class BadCount:
         if len(self.bad) <= 20:
             log.warning("skipped %s", why)
         if self.seen >= 20 and len(self.bad) / self.seen > self.limit:
-            raise ValueError(f"{len(self.bad)} of {self.seen} streamed samples are bad (first: {self.bad[0]}), more "
-                             f"than data.max_bad_fraction={self.limit}")
+            raise TooManyBadRecords(f"{len(self.bad)} of {self.seen} streamed samples are bad (first: {self.bad[0]}), "
+                                    f"more than data.max_bad_fraction={self.limit}")
 
 
 class SourceStream:
@@ -214,7 +228,8 @@ class StreamLoader:
         tokenizer = self._check(cfg, run_dir)
         self.pad_id = tokenizer.token_to_id(EOS)
         self.pool = _Inline() if data.workers == 0 else concurrent.futures.ProcessPoolExecutor(
-            data.workers, mp_context=multiprocessing.get_context("spawn"))
+            data.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent,
+            initargs=(os.getpid(),))
         args = (train.seq_len, {"min_pixels": m.vision.min_pixels, "max_pixels": m.vision.max_pixels},
                 (m.image_token_id, m.ts_token_id))
         self.sources = [SourceStream(p, i, replica, replicas, train.seed, args, self.pool, data.prefetch, self.bad)

@@ -38,6 +38,8 @@ class ParallelDims:
     """Model chunks per pipeline rank (megatron's interleaved schedule when > 1)."""
     pp_layers: tuple[int, ...] | None = None
     """Decoder layers per (virtual) stage; None = even split."""
+    collective_timeout_s: float = 600.0
+    """Timeout of every process group this layout creates (parallel.collective_timeout_s)."""
     groups: Groups = field(default_factory=Groups, compare=False, repr=False)
     """The process groups this rank belongs to (empty until `build_groups`, and on one process)."""
 
@@ -64,7 +66,8 @@ class ParallelDims:
             world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
         return cls(world_size=world_size, rank=rank, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep, etp=parallel.etp,
                    cp=parallel.cp, sequence_parallel=parallel.sequence_parallel, pp_virtual=parallel.pp_virtual,
-                   pp_layers=tuple(parallel.pp_layers) if parallel.pp_layers else None)
+                   pp_layers=tuple(parallel.pp_layers) if parallel.pp_layers else None,
+                   collective_timeout_s=parallel.collective_timeout_s)
 
     def build_groups(self) -> "ParallelDims":
         """This layout with its process groups (torch.distributed and megatron-core started as needed)."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -39,12 +40,12 @@ def param_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
     return vars(p)["main_grad"] if "main_grad" in vars(p) else p.grad
 
 
-def private_group(group, world_group_ranks: list[tuple[int, ...]]):
-    """A new communicator over `group`'s ranks. Every rank passes every group's rank tuple (all ranks create
-    all groups, in the same order, as torch requires)."""
+def private_group(group, world_group_ranks: list[tuple[int, ...]], timeout_s: float):
+    """A new communicator over `group`'s ranks, its collectives failing after `timeout_s`. Every rank passes every
+    group's rank tuple (all ranks create all groups, in the same order, as torch requires)."""
     mine, made = tuple(dist.get_process_group_ranks(group)), None
     for ranks in sorted(set(world_group_ranks)):
-        created = dist.new_group(list(ranks))
+        created = dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s))
         if ranks == mine:
             made = created
     return made

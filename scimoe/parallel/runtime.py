@@ -78,7 +78,8 @@ def install_grad_buckets(model: MoETransformer, dims: ParallelDims, bucket_mb: f
                                            for name, _, _ in named])
         for i, (name, params, size) in enumerate(named):
             if params and size > 1:
-                groups.append((params, private_group(getattr(dims.groups, name), [e[i] for e in everyone])))
+                groups.append((params, private_group(getattr(dims.groups, name), [e[i] for e in everyone],
+                                                          dims.collective_timeout_s)))
             elif params and mixed:
                 groups.append((params, None))
     elif mixed:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -56,13 +57,15 @@ def create_groups(dims) -> Groups:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, rank=dims.rank, world_size=dims.world_size)
+        dist.init_process_group(backend, rank=dims.rank, world_size=dims.world_size,
+                                timeout=timedelta(seconds=dims.collective_timeout_s))
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(dims.tp, dims.pp, context_parallel_size=dims.cp, expert_model_parallel_size=dims.ep,
-                                 expert_tensor_parallel_size=dims.etp, create_gloo_process_groups=False)
+                                 expert_tensor_parallel_size=dims.etp, create_gloo_process_groups=False,
+                                 distributed_timeout_minutes=dims.collective_timeout_s / 60)  # a timedelta's minutes
     return Groups(dp=ps.get_data_parallel_group(with_context_parallel=True), tp=ps.get_tensor_model_parallel_group(),
                   tp_rank=ps.get_tensor_model_parallel_rank(), pp=ps.get_pipeline_model_parallel_group(),
                   pp_rank=ps.get_pipeline_model_parallel_rank(),

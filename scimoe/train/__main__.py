@@ -4,18 +4,21 @@ Run: `scimoe-train model=tiny train.steps=50 hydra.run.dir=outputs/tiny`
 or under torchrun: `torchrun --nproc_per_node=4 -m scimoe.train parallel.ep=2` (gloo on CPU, NCCL on GPUs).
 A bad key, type or value stops the run before any work, naming the key and the override it came from
 (exit code 2, no traceback); so does a config error found later (a data source that does not exist). A run
-that cannot resume or save a checkpoint says why and exits 1; a checkpoints folder that cannot be listed
-stops it before anything is touched (exit 2). Tested by
+that cannot resume or save a checkpoint says why and exits 1 (so do too many bad data records, and a GRPO step
+whose every reward raised); a checkpoints folder that cannot be listed stops it before anything is touched (exit 2).
+Tested by
 `python -m pytest tests/test_config.py tests/train/test_resume_robustness.py`.
 """
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import sys
 
 from scimoe.train.signals import StopRequest
 
-StopRequest.install()  # SIGTERM / SIGUSR1 from here on end the run cleanly, even during start-up
+if multiprocessing.parent_process() is None:  # not in a spawned worker, which re-imports this module
+    StopRequest.install()  # SIGTERM / SIGUSR1 from here on end the run cleanly, even during start-up
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -47,6 +50,7 @@ def main() -> None:
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def run(cfg: DictConfig) -> None:
+    from scimoe.data.records import TooManyBadRecords
     from scimoe.rl.rewards import RewardFailure
     from scimoe.train.checkpoint_dir import CheckpointError, CheckpointFolderError, CheckpointSaveError
 
@@ -60,7 +64,7 @@ def run(cfg: DictConfig) -> None:
     except CheckpointFolderError as err:
         print(f"scimoe-train: {err}", file=sys.stderr)
         sys.exit(2)
-    except (CheckpointError, CheckpointSaveError, RewardFailure) as err:
+    except (CheckpointError, CheckpointSaveError, RewardFailure, TooManyBadRecords) as err:
         print(f"scimoe-train: {err}", file=sys.stderr)
         sys.exit(1)
     finally:

@@ -87,7 +87,7 @@ class Session:
 
     def __init__(self, cfg: Config, run_dir: str, dims: ParallelDims | None = None,
                  initial_state: dict | None = None) -> None:
-        self.stop = StopRequest.install(cfg.train.max_minutes)  # before anything slow
+        self.stop = StopRequest.install(cfg.train.max_minutes, cfg.train.signal_grace_s)  # before anything slow
         try:
             self._start(cfg, run_dir, dims, initial_state)
         except BaseException:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from scimoe.train import checkpoint, checkpoint_dir
@@ -44,8 +45,17 @@ def _wait_for(condition, job: subprocess.Popen, what: str, timeout: float = 300)
 
 
 def _kill(job: subprocess.Popen) -> None:
-    os.killpg(job.pid, signal.SIGKILL)  # torchrun and both ranks at once, no cleanup anywhere
+    """SIGKILL torchrun and both ranks at once, no cleanup anywhere. torchrun starts each rank in a session of
+    its own, so the ranks are found as its descendants, not through its process group."""
+    tree = psutil.Process(job.pid).children(recursive=True)
+    os.killpg(job.pid, signal.SIGKILL)
+    for process in tree:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
     job.wait(timeout=60)
+    psutil.wait_procs(tree, timeout=60)
     job.stdout.close()
 
 

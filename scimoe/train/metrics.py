@@ -148,7 +148,8 @@ WANDB_RUN_ID = "wandb_run_id"
 
 class WandbLogger(JsonlLogger):
     """metrics.jsonl plus wandb (offline by default: no network; sync later with `wandb sync`). A run that
-    resumes from a checkpoint continues the wandb run whose id the run folder keeps."""
+    resumes from a checkpoint continues the wandb run whose id the run folder keeps, rewound to the checkpoint's
+    step (wandb's `resume_from`)."""
 
     def __init__(self, run_dir: str, cfg: LoggerConfig, config: dict, resume_step: int = 0) -> None:
         super().__init__(run_dir, resume_step)
@@ -161,11 +162,13 @@ class WandbLogger(JsonlLogger):
         if resume_step > 0 and os.path.exists(id_file):
             with open(id_file) as f:
                 run_id = f.read().strip() or None
-        run_id = run_id or secrets.token_hex(4)
+        # A resumed run rewinds the wandb run to its checkpoint's step: an interrupted run may have logged steps
+        # after it, and wandb rejects steps at or below the last one it has (they are logged again now).
+        where = {"resume_from": f"{run_id}?_step={resume_step}"} if run_id else {"id": secrets.token_hex(4)}
         with open(id_file, "w") as f:
-            f.write(run_id + "\n")
-        self._run = wandb.init(project=cfg.project, mode=cfg.mode, dir=run_dir, config=config, id=run_id,
-                               resume="allow", name=os.path.basename(os.path.normpath(run_dir)))
+            f.write((run_id or where["id"]) + "\n")
+        self._run = wandb.init(project=cfg.project, mode=cfg.mode, dir=run_dir, config=config,
+                               name=os.path.basename(os.path.normpath(run_dir)), **where)
 
     def log(self, record: dict[str, Any]) -> None:
         super().log(record)

@@ -6,6 +6,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,17 +101,52 @@ def test_a_signal_during_start_up_exits_cleanly_before_the_first_step(tmp_path):
     assert not (tmp_path / "run" / "FINISHED").exists()
 
 
-def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
+def _wandb_history(run: str) -> tuple[list[int], dict | None]:
+    """(history steps, branch point) of one offline wandb run, read from its transaction log: the W&B header
+    (7 bytes), then LevelDB log blocks of 32 KiB whose chunks (crc, length, type) carry protobuf Records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(glob.glob(os.path.join(run, "*.wandb"))[0], "rb").read()
+    assert data[:4] == b":W&B"
+    pos, pending, steps, branch = 7, b"", [], None
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind not in (1, 4):  # FULL or LAST ends a record
+            continue
+        record = pb.Record()
+        record.ParseFromString(pending)
+        pending = b""
+        if record.WhichOneof("record_type") == "history":
+            steps.append(record.history.step.num)
+        elif record.WhichOneof("record_type") == "run":
+            for item in record.run.config.update:
+                if item.key == "_wandb":
+                    branch = json.loads(item.value_json).get("branch_point")
+    return steps, branch
+
+
+def test_a_resumed_run_rewinds_its_wandb_run_to_the_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    c = tiny_config(steps=2)
-    c.logger.kind = "wandb"
+    c = tiny_config(steps=4)
+    c.logger.kind, c.checkpoint.every = "wandb", 2
     pretrain(c, str(tmp_path / "run"))
-    c.train.steps = 4
+    # as if the run had crashed after logging steps 3 and 4 but before checkpoint 4 was complete
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000004")
+    os.remove(tmp_path / "run" / "FINISHED")
     pretrain(c, str(tmp_path / "run"))
     runs = sorted(glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*")))
     assert len(runs) == 2
     run_id = (tmp_path / "run" / "wandb_run_id").read_text().strip()
     assert all(os.path.exists(os.path.join(r, f"run-{run_id}.wandb")) for r in runs), runs  # one wandb run
+    assert _wandb_history(runs[0]) == ([1, 2, 3, 4], None)
+    # rewound to step 2, so that wandb takes steps 3 and 4 again instead of rejecting them
+    assert _wandb_history(runs[1]) == ([3, 4], {"run_id": run_id, "step": 2})
     c.checkpoint.resume = "never"  # a new run in the same folder is a new wandb run
     pretrain(c, str(tmp_path / "run"))
     assert (tmp_path / "run" / "wandb_run_id").read_text().strip() != run_id

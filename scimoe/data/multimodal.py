@@ -72,13 +72,17 @@ def load_image(item: dict, base_dir: str, vision=None) -> torch.Tensor:
     if image.width < 1 or image.height < 1:
         raise BadRecord("empty image")
     budget = {} if vision is None else {"min_pixels": vision.min_pixels, "max_pixels": vision.max_pixels}
-    h, w = native_size(image.height, image.width, **budget)
+    try:
+        h, w = native_size(image.height, image.width, **budget)
+    except ValueError as err:
+        raise BadRecord(str(err)) from err
     pixels = np.asarray(image.convert("RGB").resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
     return (torch.from_numpy(pixels).permute(2, 0, 1) - MEAN) / STD
 
 
 def load_series(item: dict, base_dir: str, timeseries=None) -> tuple[torch.Tensor, float]:
-    """The series cut to model.timeseries.max_samples and standardised per channel (LMDeploy's preprocessing),
+    """The series standardised per channel over its whole length, then cut to model.timeseries.max_samples
+    (LMDeploy's preprocessing, in its order),
     with its sampling rate; one too short to make a token is refused."""
     rate = item.get("sampling_rate")
     if not isinstance(rate, (int, float)) or not rate > 0:
@@ -115,12 +119,13 @@ def load_series(item: dict, base_dir: str, timeseries=None) -> tuple[torch.Tenso
     names = item.get("channels")
     if names is not None and len(names) != values.shape[1]:
         raise BadRecord(f"{len(names)} channel names for {values.shape[1]} channels")
+    # standardised over the whole series, then cut (the order of LMDeploy's Intern-S1-Pro preprocessing)
+    values = (values - values.mean(axis=0, keepdims=True)) / (values.std(axis=0, keepdims=True) + 1e-8)
     if timeseries is not None:
         values = values[: timeseries.max_samples]
     if ts_token_count(values.shape[0], float(rate)) < 1:
         raise BadRecord(f"time series of {values.shape[0]} samples at {rate} Hz is shorter than one token "
                         f"({2 * ts_stride(float(rate)) + 1} samples)")
-    values = (values - values.mean(axis=0, keepdims=True)) / (values.std(axis=0, keepdims=True) + 1e-8)
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), float(rate)
 
 

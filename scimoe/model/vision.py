@@ -30,12 +30,17 @@ INTERN_S1_PRO_VISION = VisionModelConfig(enabled=True, hidden=1024, layers=24, h
 
 
 def native_size(height: int, width: int, min_pixels: int = 32 * 32, max_pixels: int = 1024 * 1024) -> tuple[int, int]:
-    """The size an image is resized to: multiples of 32 (patch × merge), aspect ratio kept, pixel count
-    within [min_pixels, max_pixels] (Qwen-VL's smart resize)."""
+    """The size an image is resized to, as the released processor computes it (Qwen2-VL's `smart_resize` with a
+    factor of 32, patch × merge): each side rounded to a multiple of 32 (a side of 16 px or less rounds to 0 and
+    is then scaled up with the other), pixel count brought within [min_pixels, max_pixels], aspect ratio kept.
+    An image more than 200 times longer than wide is refused, as the release refuses it."""
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}×{width}")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"an aspect ratio over 200 is refused (as the released processor refuses it), got "
+                         f"{height}×{width}")
     unit = PATCH * MERGE
-    h, w = max(unit, round(height / unit) * unit), max(unit, round(width / unit) * unit)
+    h, w = round(height / unit) * unit, round(width / unit) * unit
     if h * w > max_pixels:
         scale = math.sqrt(height * width / max_pixels)
         h, w = max(unit, math.floor(height / scale / unit) * unit), max(unit, math.floor(width / scale / unit) * unit)

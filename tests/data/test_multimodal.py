@@ -153,3 +153,22 @@ def test_frozen_encoders_do_not_train(fixture, tmp_path):
         if name.startswith(("vision.", "timeseries.")):
             assert torch.equal(value, fresh[name]), name
     assert not torch.equal(run.final_weights["lm_head.weight"], fresh["lm_head.weight"])
+
+
+def test_a_long_trended_series_is_standardised_whole_then_cut_as_the_release_does():
+    """LMDeploy standardises over the whole series and then keeps the first 240,000 samples: with a trend, cutting
+    first would give other values (up to 0.75 apart on this series)."""
+    import numpy as np
+
+    from scimoe.config import TimeSeriesModelConfig
+    from scimoe.data.multimodal import load_series
+
+    t = np.arange(300_000, dtype=np.float64)
+    values = np.stack([t / 1000.0 + np.sin(t / 50.0), np.cos(t / 7.0) - t / 5000.0], axis=1)
+    series, rate = load_series({"values": values.tolist(), "sampling_rate": 100.0}, ".", TimeSeriesModelConfig())
+    whole = (values.astype(np.float32) - values.astype(np.float32).mean(0)) / (values.astype(np.float32).std(0) + 1e-8)
+    assert series.shape == (240_000, 2) and rate == 100.0
+    assert np.abs(series.numpy() - whole[:240_000]).max() < 1e-5
+    cut_first = values[:240_000].astype(np.float32)
+    cut_first = (cut_first - cut_first.mean(0)) / (cut_first.std(0) + 1e-8)
+    assert np.abs(series.numpy() - cut_first).max() > 0.5  # the two orders really differ here

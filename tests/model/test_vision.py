@@ -48,3 +48,39 @@ def test_the_intern_s1_pro_preset_has_the_published_sizes():
     assert shapes["merger.linear_fc2.weight"] == [4096, 4096]
     blocks = sum(p.numel() for p in encoder.blocks.parameters())
     assert blocks == 24 * (2 * 2 * 1024 + 3 * 1024 * 1024 + 3 * 1024 + 1024 * 1024 + 1024 + 2 * 1024 * 4096 + 4096 + 1024)
+
+
+def _released_smart_resize():
+    """transformers' own `smart_resize`, taken from its module's source: importing that module needs torchvision,
+    which this CPU setup does not install (the registry's build is CUDA-only)."""
+    import ast
+    import importlib.util
+    import math
+    import os
+
+    spec = importlib.util.find_spec("transformers.models.qwen2_vl")
+    path = os.path.join(os.path.dirname(spec.origin), "image_processing_qwen2_vl.py")
+    tree = ast.parse(open(path).read())
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "smart_resize")
+    namespace = {"math": math}
+    exec(compile(ast.Module(body=[function], type_ignores=[]), path, "exec"), namespace)
+    return namespace["smart_resize"]
+
+
+def test_native_size_is_the_released_processors_smart_resize():
+    """The release resizes with transformers' Qwen2-VL `smart_resize` at factor 32; every size below agrees,
+    thin sides of 16 px or less included (11×2100 → 32×3552, 111 tokens, not 32×2112)."""
+    smart_resize = _released_smart_resize()
+    budget = {"min_pixels": 65536, "max_pixels": 1024 * 1024}
+    assert native_size(11, 2100, **budget) == smart_resize(11, 2100, 32, **budget) == (32, 3552)
+    sides = [1, 5, 11, 16, 17, 31, 47, 48, 49, 100, 333, 1000, 2100, 4000]
+    for budget in ({"min_pixels": 32 * 32, "max_pixels": 1024 * 1024}, {"min_pixels": 65536, "max_pixels": 2 ** 22}):
+        for h in sides:
+            for w in sides:
+                if max(h, w) / min(h, w) > 200:
+                    with pytest.raises(ValueError, match="aspect ratio over 200"):
+                        native_size(h, w, **budget)
+                    with pytest.raises(ValueError):
+                        smart_resize(h, w, 32, **budget)
+                else:
+                    assert native_size(h, w, **budget) == smart_resize(h, w, 32, **budget), (h, w, budget)

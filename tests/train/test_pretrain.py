@@ -56,8 +56,10 @@ def test_metrics_jsonl_has_the_documented_fields_and_moe_health(tmp_path):
     for r in records:
         assert METRIC_FIELDS <= set(r)
         health = r["moe"]
-        assert len(health["max_over_mean_load"]) == 4 and all(v >= 1.0 for v in health["max_over_mean_load"])
-        assert all(0.0 <= v <= 1.0 for v in health["dead_expert_share"])
+        loads = health["tokens_per_expert"]
+        assert len(loads) == 4 and all(sum(layer) == 4 * 64 * 4 for layer in loads)  # every token to top-4
+        assert health["max_over_mean_load"] == pytest.approx([max(l) / (sum(l) / len(l)) for l in loads])
+        assert health["dead_expert_share"] == pytest.approx([sum(c == 0 for c in l) / len(l) for l in loads])
         assert all(0.0 < v <= 2.78 for v in health["router_entropy"])  # ≤ ln 16
 
 
@@ -86,12 +88,18 @@ def test_half_written_checkpoint_is_never_resumed(tmp_path):
     assert checkpoint.find_resume_path(run, "auto") == checkpoint.step_dir(run, 2)
 
 
-def test_synthetic_source_and_bf16_train(tmp_path):
-    c = tiny_config(steps=3, dtype="bf16")
-    c.data = DataConfig(source="synthetic", synthetic_rows=16)
-    records = pretrain(c, str(tmp_path)).records
-    assert all(r["skipped"] == 0 for r in records)
-    assert records[-1]["lm_loss"] < records[0]["lm_loss"] + 0.5
+def test_synthetic_source_and_bf16_train_as_fp32_does(tmp_path):
+    """bf16 weights with fp32 masters follow the fp32 run (measured: within 0.007 over 6 steps) while the loss
+    falls by about 1.9."""
+    losses = {}
+    for dtype in ("fp32", "bf16"):
+        c = tiny_config(steps=6, dtype=dtype)
+        c.data = DataConfig(source="synthetic", synthetic_rows=16)
+        records = pretrain(c, str(tmp_path / dtype)).records
+        assert all(r["skipped"] == 0 for r in records)
+        losses[dtype] = [r["lm_loss"] for r in records]
+    assert max(abs(a - b) for a, b in zip(losses["fp32"], losses["bf16"])) < 0.03, losses
+    assert losses["bf16"][0] - losses["bf16"][-1] > 1.0, losses
 
 
 def test_wandb_offline_logger_writes_a_run_and_metrics(tmp_path, monkeypatch):

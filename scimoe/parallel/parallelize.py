@@ -10,7 +10,9 @@ dimensions in one fixed order, each step reading only the model and the layout o
 3. sequence parallel and every exchange the model makes: one communication object for the transformer
    and one per MoE block (tensor.py's TensorParallelText, expert.py's ParallelMoE), and with context
    parallelism the row chunks and the key/value exchange of attention (context.py);
-4. (activation recomputation: not built yet);
+4. activation recomputation is chosen on the model before this runs (`MoETransformer.set_recompute`,
+   scimoe/model/recompute.py): it wraps blocks in torch.utils.checkpoint, so the exchanges installed above
+   rerun with them;
 5. pipeline parallel: the model is stripped to this rank's stages, driven by megatron's schedule (pipeline.py);
 6. data parallel: gradients are summed after the backward and AdamW state is sharded ZeRO-1 style
    (runtime.py's sync_grads and optimizer_shards, called by the step and the session).

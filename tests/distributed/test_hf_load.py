@@ -67,7 +67,7 @@ def test_a_tp2_ep2_run_from_a_hf_folder_logs_the_single_process_losses(tmp_path)
 
 def test_the_released_code_fixture_in_tp2_ep2_gives_its_logits_and_routing(tmp_path):
     out = launch(4, {"released": True, "layout": {"tp": 2, "ep": 2}}, tmp_path)
-    assert out["logits_max_diff"] < 1e-5 and out["routes_equal"], out
+    assert out["logits_max_diff"] < 2e-6 and out["routes_equal"], out  # as tests/model/test_released_model.py
 
 
 def test_each_rank_reads_only_its_share_of_a_hf_folder(tmp_path):

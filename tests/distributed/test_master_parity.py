@@ -36,6 +36,8 @@ def test_bf16_masters_train_in_tp_ep_and_pp_layouts_and_move_between_them_exactl
                {"name": "tp2xep2_zero0", "tp": 2, "ep": 2, "dtype": "bf16", "steps": 1, "zero": 0},
                {"name": "ep2_fp32_zero0", "ep": 2, "steps": 2, "zero": 0,  # resumes at its last step: no training
                 "resave_from": f"tp2xep2/checkpoints/step_{2:08d}"},
+               {"name": "ep2xdp2_zero1_from_zero0", "ep": 2, "steps": 2,  # ZeRO off → on
+                "resave_from": f"ep2_fp32_zero0_resaved/checkpoints/step_{2:08d}"},
                {"name": "ep2xdp2", "ep": 2, "steps": STEPS},  # dp 4: one micro-batch a step
                {"name": "ep2xdp2_offload", "ep": 2, "steps": STEPS, "offload": "cpu"}]
     out = launch(4, {"master": {"initial_weights": str(tmp_path / "initial.safetensors"), "workdir": str(tmp_path),
@@ -53,6 +55,9 @@ def test_bf16_masters_train_in_tp_ep_and_pp_layouts_and_move_between_them_exactl
     # ... and so did an fp32 run without ZeRO in another layout (the masters become its weights)
     again = checkpoint_tensors(checkpoint.step_dir(str(tmp_path / "ep2_fp32_zero0_resaved"), 2))
     assert again.keys() == saved.keys() and [k for k in saved if not (saved[k] == again[k]).all()] == []
+    # ... and from there into ZeRO-1 sharding again
+    sharded = checkpoint_tensors(checkpoint.step_dir(str(tmp_path / "ep2xdp2_zero1_from_zero0_resaved"), 2))
+    assert sharded.keys() == saved.keys() and [k for k in saved if not (saved[k] == sharded[k]).all()] == []
     # ... and the pipeline layout continues from there like the run that saved them.
     for got, want in zip(out["pp2"]["losses"], tp_ep[2:]):
         assert got == pytest.approx(want, rel=BF16_TOL)

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from scimoe.model import build_model
 from scimoe.train import checkpoint
+from scimoe.train.master import cpu_adam_available
 from scimoe.train.pretrain import pretrain
 from scimoe.train.shards import ShardIndex
 from tests.distributed import launching
@@ -25,7 +26,10 @@ from tests.distributed.parity_config import GLOBAL_BATCH, STEPS, parity_config
 from tests.plan.test_memory_plan import assert_memory_matches
 
 WORKER = os.path.join(os.path.dirname(__file__), "worker.py")
+LOSS_TOL = 1e-6
+"""Relative loss difference allowed at every step (measured on 2026-12-08: at most 1.3e-7 over all layouts)."""
 TOL = 1e-5
+"""Relative grad-norm and final-weight difference allowed (measured: at most 1.8e-6 and 2.8e-6)."""
 RESUME_AT = 5
 
 pytestmark = pytest.mark.distributed
@@ -63,9 +67,11 @@ def _assert_parity(results: dict, names: list[str], reference: dict) -> None:
     ranks, are the single process's: the same tokens per expert in every layer, the same per-layer
     balance loss."""
     assert sorted(results) == sorted(names)
-    for name, r in results.items():
+    for name, r in results.items():  # `pytest -s` shows the measured margins
+        print(f"parity {name}: loss {r['loss_rel']:.1e}, grad norm {r['grad_norm_rel']:.1e}, weights "
+              f"{r['weight_rel']:.1e} (relative, worst of {STEPS} steps)")
         assert r["steps"] == STEPS, name
-        assert r["loss_rel"] < TOL, (name, r)
+        assert r["loss_rel"] < LOSS_TOL, (name, r)
         assert r["grad_norm_rel"] < TOL, (name, r)
         assert r["weight_rel"] < TOL, (name, r)
         first = STEPS - len(r["expert_counts"])
@@ -111,7 +117,7 @@ def _resume_in_this_process(reference: dict, source: str) -> None:
     run = pretrain(cfg, os.path.join(reference["workdir"], name))
     losses = [r["loss"] for r in run.records]
     assert len(losses) == STEPS - RESUME_AT
-    assert max(abs(a - b) / abs(b) for a, b in zip(losses, reference["losses"][RESUME_AT:])) < TOL, losses
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, reference["losses"][RESUME_AT:])) < LOSS_TOL, losses
     _assert_resumed({name: {"losses": losses}}, reference, name)
 
 
@@ -122,6 +128,7 @@ def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference
                {"name": "dp2_zero0", "ep": 1, "zero": 0, "micro_batch": GLOBAL_BATCH // 4},
                {"name": "pp2", "pp": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2, "save_every": RESUME_AT},
                {"name": "pp2_interleaved", "pp": 2, "pp_virtual": 2, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
+               {"name": "pp2_uneven", "pp": 2, "pp_layers": [1, 3], "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
                {"name": "tp2_sp", "tp": 2, "sp": True, "ep": 1, "micro_batch": GLOBAL_BATCH // 2},
                {"name": "dp2_from_tp2", "ep": 1, "micro_batch": GLOBAL_BATCH // 4, "resume_from": "tp2",
                 "resume_step": RESUME_AT},
@@ -148,7 +155,7 @@ def test_two_rank_layouts_match_single_process_and_dispatch_edge_cases(reference
                      "memory": {"workdir": str(tmp_path), "layouts": memory}}, tmp_path)
     for name, ranks in out["memory"].items():  # the capacity planner against what these ranks allocated
         assert_memory_matches(name, ranks)
-    _assert_parity(out["parity"], ["ep2", "dp2", "tp2", "dp2_zero0", "pp2", "pp2_interleaved", "tp2_sp",
+    _assert_parity(out["parity"], ["ep2", "dp2", "tp2", "dp2_zero0", "pp2", "pp2_interleaved", "pp2_uneven", "tp2_sp",
                                    "dp2_from_tp2", "ep2_from_pp2", "tp2_etp2", "dp2_from_tp2_etp2", "tp2_sp_etp2",
                                    "cp2", "dp2_from_cp2", "cp2_from_dp2"],
                    reference)
@@ -202,7 +209,8 @@ def test_four_rank_layouts_match_single_process(reference, tmp_path):
     memory = [{"name": "mem_ep2xdp2", "ep": 2}, {"name": "mem_tp2xep2", "tp": 2, "ep": 2},
               {"name": "mem_tp2xep2_etp2", "tp": 2, "ep": 2, "etp": 2},
               {"name": "mem_pp2xdp2_zero0", "pp": 2, "zero": 0},
-              {"name": "mem_tp2xep2_bf16_offload", "tp": 2, "ep": 2, "dtype": "bf16", "offload": "cpu"},
+              *([{"name": "mem_tp2xep2_bf16_offload", "tp": 2, "ep": 2, "dtype": "bf16", "offload": "cpu"}]
+                if cpu_adam_available() else []),  # DeepSpeed's cpu_adam op (tests/train/test_master.py says why not)
               {"name": "mem_ep2xdp2_bf16_grad16", "ep": 2, "dtype": "bf16", "grad_reduce": "bf16"},
               {"name": "mem_cp2xtp2_sp", "cp": 2, "tp": 2, "sp": True}, {"name": "mem_cp2xep2", "cp": 2, "ep": 2}]
     out = launch(4, {"parity": dict(reference, layouts=layouts), "dispatch": True,

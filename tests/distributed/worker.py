@@ -47,6 +47,7 @@ def run_parity(spec: dict, rank: int, world: int) -> dict:
         cfg.parallel.ep, cfg.parallel.tp, cfg.parallel.pp = layout["ep"], layout.get("tp", 1), layout.get("pp", 1)
         cfg.parallel.zero = layout.get("zero", 1)
         cfg.parallel.pp_virtual = layout.get("pp_virtual", 1)
+        cfg.parallel.pp_layers = layout.get("pp_layers")
         cfg.parallel.sequence_parallel = layout.get("sp", False)
         cfg.parallel.etp = layout.get("etp", 1)
         cfg.parallel.cp = layout.get("cp", 1)

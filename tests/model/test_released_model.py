@@ -4,7 +4,7 @@ The fixture (tests/fixtures/released/tiny_model; docs/fixtures.md says how it wa
 Intern-S1-Pro built by the released modeling code (FoPE with clipped frequencies, grouped routing, the vision
 tower) and LMDeploy's time-series tower, saved as a Hugging Face folder, with two input rows (an image in one, a
 two-channel series in the other) and what the released code computed for them. scimoe reads the folder and
-must give the same logits, image and series embeddings within 1e-5 (fp32) and route every token to the same
+must give the same logits within 2e-6, image and series embeddings within 5e-7 (fp32), and route every token to the same
 experts; tests/distributed/test_hf_load.py checks the same in a tp2×ep2 layout.
 """
 from __future__ import annotations
@@ -43,9 +43,11 @@ def test_logits_embeddings_and_routing_match_the_released_code():
         ts_embeds = model.timeseries(want["series"], float(want["rate"]))
         out = model(ids, torch.arange(ids.shape[1]).expand_as(ids), images=[want["image"]],
                     series=[(want["series"], float(want["rate"]))])
-    assert torch.allclose(image_embeds, want["image_embeds"], atol=1e-5), float((image_embeds - want["image_embeds"]).abs().max())
-    assert torch.allclose(ts_embeds, want["ts_embeds"], atol=1e-5), float((ts_embeds - want["ts_embeds"]).abs().max())
+    diffs = {name: float((got - want[name]).abs().max()) for name, got in
+             (("image_embeds", image_embeds), ("ts_embeds", ts_embeds), ("logits", out.logits))}
+    print(f"released model: largest differences {diffs}")  # `pytest -s`; 2026-12-08: 7.5e-8, 1.3e-7, 7.5e-7
+    assert diffs["image_embeds"] < 5e-7 and diffs["ts_embeds"] < 5e-7, diffs
     assert want["logits"].abs().max() > 0.1  # the comparison means something
-    assert torch.allclose(out.logits, want["logits"], atol=1e-5), float((out.logits - want["logits"]).abs().max())
+    assert diffs["logits"] < 2e-6, diffs
     for layer, aux in enumerate(out.moe):
         assert torch.equal(aux.indices.sort(-1).values, want[f"routes_{layer}"].sort(-1).values), layer

@@ -9,6 +9,7 @@ from __future__ import annotations
 from scimoe.config import CheckpointConfig, Config, DataConfig, LoggerConfig, ModelConfig, MoEConfig, TrainConfig
 from tests.distributed.memory_check import measure
 from scimoe.parallel.dims import ParallelDims
+from scimoe.train.master import cpu_adam_available
 
 ACTIVATION_TOLERANCE = 0.1
 PEAK_TOLERANCE = 0.1
@@ -64,8 +65,9 @@ def test_bf16_masters_and_offload_allocate_what_the_planner_says(tmp_path):
     """bf16 weights, fp32 masters and buckets (fp32 or bf16), offload; every recompute mode, activations within
     ACTIVATION_TOLERANCE (the distributed launches add sharded layouts)."""
     variants = [dict(dtype="bf16", recompute=mode, dense_layers=1) for mode in ("none", "selective", "full")]
-    variants += [dict(dtype="bf16", grad_reduce="bf16"), dict(dtype="bf16", offload="cpu", recompute="selective"),
-                 dict(offload="cpu")]
+    variants += [dict(dtype="bf16", grad_reduce="bf16")]
+    if cpu_adam_available():  # the offload variants below step with DeepSpeed's cpu_adam (test_offload_* say why not)
+        variants += [dict(dtype="bf16", offload="cpu", recompute="selective"), dict(offload="cpu")]
     for variant in variants:
         m = measure(memory_config(**variant), ParallelDims(), str(tmp_path))
         assert_memory_matches(f"single {variant}", [m])

@@ -92,7 +92,9 @@ def test_grpo_with_tools_raises_the_reward_and_the_share_of_well_formed_calls(tm
     """50 steps of 8 prompts × 8 samples from the warm start, ~50 s. Measured over train.seed 1234, 1, 2, 3, 4:
     mean reward of the last 10 steps minus the first 10 steps is 0.25-0.43 (well-formed calls 0.80-0.83 → 1.0).
     With 4 prompts per step the rise depended on the seed and on the CPU's kernels (+0.07 to +0.35 over 50
-    steps, one seed +0.08 after 80): too noisy for a test of whether GRPO learns."""
+    steps, one seed +0.08 after 80): too noisy for a test of whether GRPO learns. The test asks for +0.1: a mean
+    over 10 steps of 64 samples moves by ~0.02 (one standard error) without learning, and the slowest of the
+    five seeds rose 2.5 times that much."""
     cfg, _, model = _warm_policy(150)
     state = checkpoint.tensor_state(model)
     from omegaconf import OmegaConf
@@ -104,7 +106,7 @@ def test_grpo_with_tools_raises_the_reward_and_the_share_of_well_formed_calls(tm
     records = grpo(run, str(tmp_path / "run"))
     first, last = records[:10], records[-10:]
     mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
-    assert mean(last, "reward_mean") > mean(first, "reward_mean") + 0.2, (mean(first, "reward_mean"), mean(last, "reward_mean"))
+    assert mean(last, "reward_mean") > mean(first, "reward_mean") + 0.1, (mean(first, "reward_mean"), mean(last, "reward_mean"))
     assert mean(first, "well_formed_tool_calls") < 0.95 <= mean(last, "well_formed_tool_calls")
     assert all(r["tool_calls_per_sample"] > 0.5 for r in records[-10:])
 

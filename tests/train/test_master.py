@@ -144,6 +144,18 @@ def test_bf16_checkpoints_hold_the_fp32_masters_and_resume_into_fp32_exactly(tmp
     assert all(torch.equal(again[k], tensors[k]) for k in tensors)
 
 
+@pytest.mark.parametrize("into", [{"dtype": "bf16"}, pytest.param({"optimizer_offload": "cpu"}, marks=needs_cpu_adam)])
+def test_an_fp32_checkpoint_resumes_into_bf16_or_offload_bit_for_bit(tmp_path, into):
+    """The other direction of the two tests around this one: fp32 weights become the fp32 masters, the moments
+    move as they are."""
+    pretrain(_cfg(steps=3), str(tmp_path / "fp32"))
+    saved = checkpoint.step_dir(str(tmp_path / "fp32"), 3)
+    tensors = checkpoint_tensors(saved)
+    again = checkpoint_tensors(resave(_cfg(steps=3, **into), str(tmp_path / "into"), saved))
+    assert again.keys() == tensors.keys() and any(k.endswith("::exp_avg_sq") for k in tensors)
+    assert [k for k in tensors if not torch.equal(again[k], tensors[k])] == []
+
+
 @needs_cpu_adam
 def test_offload_checkpoint_resumes_without_offload_exactly_where_it_left(tmp_path):
     pretrain(_cfg(steps=3, optimizer_offload="cpu"), str(tmp_path / "offload"))

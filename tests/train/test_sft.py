@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
-from scimoe.config import Config, DataConfig, LoggerConfig, ModelConfig, RecipeConfig, TrainConfig
+import pytest
+
+from scimoe.config import Config, DataConfig, LoggerConfig, ModelConfig, RecipeConfig, TrainConfig, compose_config
 from scimoe.train.pretrain import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,4 +50,11 @@ def test_sft_runs_data_parallel_under_torchrun(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2] and records[1]["lm_loss"] < records[0]["lm_loss"]
+    assert [r["step"] for r in records] == [1, 2]
+    # one process with the same global batch and balance scope (micro-batch 2 × dp 2 = 4) logs the same losses
+    single = pretrain(compose_config(["recipe=sft", "data.synthetic_rows=32", "train.steps=2", "train.seq_len=128",
+                                      "train.global_batch=4", "train.micro_batch=4", "logger=none"]),
+                      str(tmp_path / "single")).records
+    for got, want in zip(records, single, strict=True):
+        assert got["lm_loss"] == pytest.approx(want["lm_loss"], rel=1e-5), (records, single)
+    assert single[1]["lm_loss"] != single[0]["lm_loss"]

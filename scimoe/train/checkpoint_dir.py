@@ -101,8 +101,9 @@ def write(run_dir: str, step: int, files: Callable[[], dict[str, bytes]], dims: 
         except OSError as err:
             try:  # tell rank 0 to stop waiting for this part
                 _fsync_write(os.path.join(tmp, f".failed{suffix}"), str(err).encode())
-            except OSError:
-                pass
+            except OSError as marker_err:
+                log.error("checkpoint %s: rank %d could not leave its failure marker either (%s); an asynchronous "
+                          "save waits for this part until its timeout", final, rank, marker_err)
             raise CheckpointSaveError(f"saving checkpoint {final} failed on rank {rank}: {err}") from err
 
     def complete() -> None:
@@ -246,11 +247,7 @@ def problem(path: str) -> str | None:
 
 
 def _readable(path: str) -> bool:
-    try:
-        os.listdir(path)
-        return True
-    except OSError:
-        return False
+    return os.access(path, os.R_OK | os.X_OK)
 
 
 def is_complete(path: str) -> bool:
@@ -309,11 +306,8 @@ def find_resume_path(run_dir: str, resume: str, key: str = "checkpoint.resume") 
 
 
 def size_bytes(path: str) -> int:
-    """Bytes of the files of checkpoint `path` (0 when unreadable)."""
-    try:
-        return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
-    except OSError:
-        return 0
+    """Bytes of the files of checkpoint `path` (OSError when it cannot be read)."""
+    return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
 
 
 def prune(run_dir: str, keep_last: int) -> None:

@@ -20,6 +20,8 @@ Tested by `python -m pytest tests/train/test_master.py tests/distributed/test_ma
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -65,9 +67,10 @@ def cpu_adam_available() -> bool:
     """Whether DeepSpeed's cpu_adam op builds and loads here (tests that need it skip, saying so, when not)."""
     try:
         load_cpu_adam()
-        return True
-    except Exception:  # noqa: BLE001 - any build or load failure means: not available
+    except Exception as err:  # noqa: BLE001 - any build or load failure means: not available
+        logging.getLogger("scimoe").info("DeepSpeed's cpu_adam op is not available here: %s", err)
         return False
+    return True
 
 
 class MasterOptimizer:

@@ -123,8 +123,9 @@ class JsonlLogger:
             try:  # never leave half a line for the next one to continue
                 self._file.truncate(start)
                 self._file.seek(start)
-            except OSError:
-                pass
+            except OSError as cut:
+                log.warning("%s: could not remove the half-written line of step %s (%s); a resume drops it",
+                            self.path, record.get("step"), cut)
 
     def close(self) -> None:
         try:

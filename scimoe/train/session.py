@@ -292,10 +292,11 @@ class Session:
         if self.dims.rank != 0:
             return
         done = checkpoint.complete_checkpoints(self.run_dir)
-        need = checkpoint.size_bytes(done[-1][1]) if done else 0
         try:
+            need = checkpoint.size_bytes(done[-1][1]) if done else 0
             free = shutil.disk_usage(self.run_dir).free
-        except OSError:
+        except OSError as err:
+            log.warning("cannot tell whether %s has room for checkpoint %s: %s", self.run_dir, step, err)
             return
         if need and free < need:
             log.warning("checkpoint %s needs about %.2f GiB (the size of the last one) but %.2f GiB are free on %s: "

@@ -75,6 +75,7 @@ def run_grpo(spec: dict, rank: int, world: int) -> dict:
         for key in ("tp", "pp", "ep", "etp", "sequence_parallel", "pp_layers"):
             if key in layout:
                 setattr(cfg.parallel, key, layout[key])
+        cfg.model.layers = layout.get("layers", cfg.model.layers)
         records = grpo(cfg, os.path.join(spec["workdir"], layout["name"]), ParallelDims.from_config(cfg.parallel, world, rank))
         out[layout["name"]] = [{k: r[k] for k in ("loss", "reward_mean", "grad_norm", "kl", "response_length")}
                                for r in records]

@@ -34,8 +34,10 @@ def single(tmp_path_factory):
     model = build_model(cfg.model, seed=cfg.train.seed)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "initial.safetensors"))
     reference = {mode: generate(model, ParallelDims(), [], mode) for mode in MODES}
-    grpo = run_grpo({"workdir": str(tmp), "layouts": [{"name": "single"}]}, 0, 1)["single"]
-    return {"tmp": tmp, "generate": reference, "grpo": grpo, "initial": str(tmp / "initial.safetensors")}
+    grpo = run_grpo({"workdir": str(tmp), "layouts": [{"name": "single"}, {"name": "single_3_layers", "layers": 3}]},
+                    0, 1)
+    return {"tmp": tmp, "generate": reference, "grpo": grpo["single"], "grpo_3_layers": grpo["single_3_layers"],
+            "initial": str(tmp / "initial.safetensors")}
 
 
 def _assert_same_generation(got: dict, want: dict, name: str) -> None:
@@ -58,6 +60,9 @@ def _assert_same_grpo(got: list[dict], want: list[dict], name: str) -> None:
 TWO_RANK_LAYOUTS = [{"name": "tp2", "tp": 2}, {"name": "pp2", "pp": 2}, {"name": "pp2_uneven", "pp": 2, "pp_layers": [1, 3]},
                     {"name": "ep2", "ep": 2}, {"name": "tp2_sp", "tp": 2, "sequence_parallel": True},
                     {"name": "tp2_etp2", "tp": 2, "etp": 2}]
+# recipe=grpo's model has 2 layers: its uneven split runs a 3-layer variant, against one process's run of it
+TWO_RANK_GRPO = [l for l in TWO_RANK_LAYOUTS if l["name"] != "pp2_uneven"] + \
+    [{"name": "pp2_uneven", "pp": 2, "pp_layers": [1, 2], "layers": 3}]
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +71,15 @@ def two_ranks(single, tmp_path_factory):
     two data-parallel replicas for the four-rank layouts)."""
     tmp = tmp_path_factory.mktemp("two_ranks")
     return launch(2, {"generate": {"initial_weights": single["initial"], "layouts": TWO_RANK_LAYOUTS},
-                      "grpo": {"workdir": str(tmp), "layouts": TWO_RANK_LAYOUTS}}, tmp)
+                      "grpo": {"workdir": str(tmp), "layouts": TWO_RANK_GRPO}}, tmp)
 
 
 def test_two_rank_layouts_generate_and_train_grpo_like_one_process(single, two_ranks):
     for layout in TWO_RANK_LAYOUTS:
         _assert_same_generation(two_ranks["generate"][layout["name"]], single["generate"], layout["name"])
-    for name in ("tp2", "pp2", "pp2_uneven", "tp2_sp", "tp2_etp2"):  # one data-parallel replica: one process's run
+    for name in ("tp2", "pp2", "tp2_sp", "tp2_etp2"):  # one data-parallel replica: one process's run
         _assert_same_grpo(two_ranks["grpo"][name], single["grpo"], name)
+    _assert_same_grpo(two_ranks["grpo"]["pp2_uneven"], single["grpo_3_layers"], "pp2_uneven")
 
 
 def test_four_rank_layouts_generate_and_train_grpo_like_their_references(single, two_ranks, tmp_path):

@@ -39,7 +39,8 @@ def test_recipe_sft_from_the_command_line_on_a_chat_file_reports_its_data(tmp_pa
     assert f"skipped {chats}:31" in log and "30 conversations" in log and "1 bad records" in log
     strict = subprocess.run(cmd[:-1] + ["sft.max_bad_fraction=0.01", "hydra.run.dir=run2"], cwd=tmp_path,
                             env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
-    assert strict.returncode != 0 and "more than sft.max_bad_fraction=0.01" in strict.stderr + strict.stdout
+    assert strict.returncode == 1 and "more than sft.max_bad_fraction=0.01" in strict.stderr
+    assert "Traceback" not in strict.stderr + strict.stdout  # one line, not a traceback
 
 
 def test_sft_runs_data_parallel_under_torchrun(tmp_path):

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scimoe.config import ModelConfig  # noqa: E402
-from scimoe.model.attention import Attention, Documents, document_causal_mask  # noqa: E402
+from scimoe.model.attention import Attention  # noqa: E402
+from scimoe.model.documents import Documents, document_causal_mask  # noqa: E402
 
 
 def packed_positions(tokens: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ def make_folder(folder: str, cfg: ModelConfig) -> None:
 
     from scimoe.convert import cli
     from scimoe.model import build_model
-    from scimoe.train import checkpoint, shards
+    from scimoe.checkpoint import contents, shards, storage
 
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in build_model(cfg).state_dict().items()}
@@ -43,7 +43,7 @@ def make_folder(folder: str, cfg: ModelConfig) -> None:
              * 0.02 for k, s in shapes.items()}
     entries = {k: (k, t, shards.placement(t, None)) for k, t in state.items()}
     run = folder + "_ckpt"
-    start = checkpoint.write(run, 1, entries, None, None, OmegaConf.to_yaml(OmegaConf.structured(Config(model=cfg))))
+    start = contents.write(run, 1, entries, None, None, OmegaConf.to_yaml(OmegaConf.structured(Config(model=cfg))))
     cli.export(start, folder, max_shard_bytes=512 * 2**20)
 
 

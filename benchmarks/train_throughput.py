@@ -87,7 +87,7 @@ def main() -> None:
         hf = hf_step(s)
         ours, theirs = interleaved_tokens_per_s([scimoe_step(s), hf], batches)
         print(f"\n{s}")
-        print(f"  transformers Qwen3-MoE ({hf.impl} experts) {theirs:9.0f} tokens/s")
+        print(f"  transformers Qwen3-MoE ({hf_layout.impl} experts) {theirs:9.0f} tokens/s")
         print(f"  scimoe                                  {ours:9.0f} tokens/s   {ours / theirs:.2f}x")
 
 

@@ -508,7 +508,7 @@ class ClusterConfig:
     """The machines: read by `scimoe-launch slurm`, `scimoe-plan` and the MFU metric."""
 
     gpu: str = "h100"
-    """Accelerator kind (peak rates in scimoe/launch/hardware.py): h100, h200, a100, b200 or cpu."""
+    """Accelerator kind (peak rates in scimoe/hardware.py): h100, h200, a100, b200 or cpu."""
     gpus: int = 8
     """Accelerators in the whole job (nodes × gpus_per_node)."""
     gpus_per_node: int = 8
@@ -712,7 +712,7 @@ def compose_config(overrides: list[str]) -> Config:
     overrides are dropped): for tools and tests that read the same configs without starting a run."""
     from hydra import compose, initialize_config_module
 
-    from scimoe.launch.run_dir import register_resolvers
+    from scimoe.run_dir import register_resolvers
 
     register_configs()
     register_resolvers()

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scimoe.train.metrics import load_image  # noqa: E402
+from scimoe.train.metrics import expert_load_figure  # noqa: E402
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -105,7 +105,7 @@ def report(run_dir: str, out: str | None = None) -> list[str]:
     paths = [_curves(records, out)]
     if records[-1].get("moe", {}).get("tokens_per_expert"):
         paths += [_load_over_time(records, out), _health(records, out)]
-        paths.append(_save(load_image(records[-1]["moe"]["tokens_per_expert"], records[-1]["step"]), out,
+        paths.append(_save(expert_load_figure(records[-1]["moe"]["tokens_per_expert"], records[-1]["step"]), out,
                            "expert_load_last.png"))
     return paths
 

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 
 from scimoe.config import register_configs, validate
-from scimoe.launch.run_dir import register_resolvers
+from scimoe.run_dir import register_resolvers
 from scimoe.registry import resolve_target
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,13 +114,13 @@ def test_registry_resolves_aliases_and_allowed_paths_only(monkeypatch):
 
 
 def test_run_id_is_shared_by_ranks_of_one_launch():
-    from scimoe.launch.run_dir import run_id
+    from scimoe.run_dir import run_id
 
     assert run_id({"SLURM_JOB_ID": "42"}) == "slurm-42"
     assert run_id({"TORCHELASTIC_RUN_ID": "abc"}) == "torchrun-abc"
     # Two "ranks" of one standalone torchrun, started seconds apart under one parent, share the parent's
     # start time as their id (each one's own clock would give two different ids).
-    child = "from scimoe.launch.run_dir import run_id; print(run_id())"
+    child = "from scimoe.run_dir import run_id; print(run_id())"
     script = (f"sleep 1.5; LOCAL_RANK=0 {sys.executable} -c '{child}'; sleep 1.5; "
               f"LOCAL_RANK=1 {sys.executable} -c '{child}'; true")  # `true`: bash must not exec the last one
     env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "LOCAL_RANK")}

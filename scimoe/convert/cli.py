@@ -22,11 +22,10 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from scimoe.config import Config, ConfigError, ModelConfig, validate
-from scimoe.convert import hf
-from scimoe.convert.hf_index import HFFolderError, HFIndex, read_config
-from scimoe.train import checkpoint, shards
+from scimoe.checkpoint import contents, hf_layout, shards, storage
+from scimoe.checkpoint.hf_index import HFFolderError, HFIndex, read_config
 
-ERRORS = (ValueError, KeyError, FileNotFoundError, checkpoint.CheckpointError, HFFolderError)
+ERRORS = (ValueError, KeyError, FileNotFoundError, storage.CheckpointError, HFFolderError)
 
 
 def _layer_order(name: str) -> tuple:
@@ -62,19 +61,19 @@ def export(path: str, out: str, layout: str = "intern_s1_pro", max_shard_bytes: 
            world: int = 1, barrier=lambda: None) -> list[str]:
     """Write checkpoint `path` (any layout) as a HF folder `out`; rank r of `world` writes files r, r + world, …
     Returns the shard file names."""
-    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, checkpoint.MARKER)) and \
+    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, storage.MARKER)) and \
             not os.path.isdir(os.path.join(path, "checkpoints")):
         raise ValueError(f"{path} is not a scimoe checkpoint: expected a folder such as RUN/checkpoints/step_00000050 "
-                         f"holding a {checkpoint.MARKER} marker, or a run folder RUN")
-    if not os.path.exists(os.path.join(path, checkpoint.MARKER)):  # a run folder: its newest usable checkpoint
-        newest = checkpoint.find_resume_path(path, "auto", "scimoe-export RUN")
+                         f"holding a {storage.MARKER} marker, or a run folder RUN")
+    if not os.path.exists(os.path.join(path, storage.MARKER)):  # a run folder: its newest usable checkpoint
+        newest = storage.find_resume_path(path, "auto", "scimoe-export RUN")
         if newest is None:
             raise ValueError(f"{path} has no complete checkpoint to export")
         path = newest
-    path = checkpoint.find_resume_path("", path, "scimoe-export CHECKPOINT")
+    path = storage.find_resume_path("", path, "scimoe-export CHECKPOINT")
     cfg = checkpoint_model_config(path)
-    hf.check_exportable(cfg, layout)
-    index = shards.ShardIndex(checkpoint.files(path, "model"))
+    hf_layout.check_exportable(cfg, layout)
+    index = shards.ShardIndex(contents.files(path, "model"))
     tmp = out.rstrip("/") + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -85,7 +84,7 @@ def export(path: str, out: str, layout: str = "intern_s1_pro", max_shard_bytes: 
     try:
         weight_map, total = {}, 0
         for i, (file, group) in enumerate(zip(names, plan)):
-            tensors = {hf_name: t.contiguous().clone() for name in group for hf_name, t in hf.to_hf(name, index.full(name), layout)}
+            tensors = {hf_name: t.contiguous().clone() for name in group for hf_name, t in hf_layout.to_hf(name, index.full(name), layout)}
             weight_map.update(dict.fromkeys(tensors, file))
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             if i % world == rank:
@@ -95,7 +94,7 @@ def export(path: str, out: str, layout: str = "intern_s1_pro", max_shard_bytes: 
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
             with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(hf.hf_config(cfg, layout), f, indent=1)
+                json.dump(hf_layout.hf_config(cfg, layout), f, indent=1)
             shutil.rmtree(out, ignore_errors=True)
             os.rename(tmp, out)
     except BaseException:
@@ -115,10 +114,10 @@ def import_hf(folder: str, run_dir: str) -> str:
     entries = {name: (name, index.full(name).to(dtypes[name]), None) for name in index.names()}
     entries = {k: (n, t, shards.placement(t, None)) for k, (n, t, _) in entries.items()}
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(Config(model=cfg)))
-    root = checkpoint.checkpoint_root(run_dir)
+    root = storage.checkpoint_root(run_dir)
     existed = os.path.isdir(run_dir)
     try:
-        return checkpoint.write(run_dir, 0, entries, None, None, config_yaml)
+        return contents.write(run_dir, 0, entries, None, None, config_yaml)
     except BaseException:
         shutil.rmtree(root if existed else run_dir, ignore_errors=True)
         raise
@@ -157,7 +156,7 @@ def export_main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a complete checkpoint folder, e.g. RUN/checkpoints/step_00000050, or a "
                         "run folder RUN (its newest usable checkpoint)")
     parser.add_argument("out", help="output folder (replaced)")
-    parser.add_argument("--layout", choices=hf.LAYOUTS, default="intern_s1_pro")
+    parser.add_argument("--layout", choices=hf_layout.LAYOUTS, default="intern_s1_pro")
     parser.add_argument("--max-shard-gb", type=float, default=5.0)
     args = parser.parse_args(argv)
     rank, world, barrier = _distributed()

@@ -13,6 +13,7 @@ import logging
 from typing import Callable, Iterator, TypeVar
 
 from scimoe.config import ConfigError
+from scimoe.errors import RunError
 
 log = logging.getLogger("scimoe")
 T = TypeVar("T")
@@ -22,7 +23,7 @@ class BadRecord(ValueError):
     """A record that cannot be used (the message says why)."""
 
 
-class TooManyBadRecords(ValueError):
+class TooManyBadRecords(RunError, ValueError):
     """More of a source's records or samples were bad than its limit allows (the message names the first)."""
 
 

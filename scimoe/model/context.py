@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from scimoe.model.documents import Documents
+
 
 
 def chunk_indices(length: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -152,6 +154,4 @@ class LocalContext:
         return x
 
     def documents(self, positions: torch.Tensor):
-        from scimoe.model.attention import Documents
-
         return Documents.from_positions(positions)

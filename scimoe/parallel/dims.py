@@ -60,7 +60,7 @@ class ParallelDims:
     def from_config(cls, parallel, world_size: int | None = None, rank: int | None = None) -> "ParallelDims":
         """The layout `parallel.*` asks for, on torchrun's (or a bare srun's) WORLD_SIZE / RANK unless given."""
         if world_size is None or rank is None:
-            from scimoe.launch.env import apply_launcher_env
+            from scimoe.parallel.launcher_env import apply_launcher_env
 
             apply_launcher_env()
             world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -116,10 +116,33 @@ class ParallelDims:
         return self.sp and self.etp > 1
 
     @property
+    def moe_tokens(self) -> str:
+        """What the MoE blocks of the tp ranks hold: `whole` (the same tokens on every tp rank: no tp, plain tp,
+        or SP with etp, which gathers the sequence), `sequence` (SP: each its seq/tp positions) or `shares`
+        (megatron's tp × ep without SP: the tokens are replicated, each tp rank routes its 1/tp share)."""
+        if self.sp:
+            return "whole" if self.moe_gathers_sequence else "sequence"
+        return "shares" if self.tp > 1 and self.ep > 1 and self.etp == 1 else "whole"
+
+    @property
+    def routes_token_shares(self) -> bool:
+        """megatron's tp × ep layout: tp ranks hold the same tokens, so each routes and dispatches its 1/tp share."""
+        return self.moe_tokens == "shares"
+
+    @property
     def tokens_split_over_tp(self) -> bool:
-        """The MoE blocks of the tp ranks hold different tokens: sequence shards, or megatron's tp × ep
-        layout where each tp rank routes its share of the (replicated) tokens."""
-        return (self.sp and not self.moe_gathers_sequence) or (self.tp > 1 and self.ep > 1 and self.etp == 1)
+        """The MoE blocks of the tp ranks hold different tokens (sequence shards or token shares)."""
+        return self.moe_tokens != "whole"
+
+    @property
+    def routed_fraction(self) -> float:
+        """The share of a micro-batch's tokens this rank's MoE blocks route (before expert parallelism)."""
+        return 1 / self.tp if self.tokens_split_over_tp else 1.0
+
+    @property
+    def held_fraction(self) -> float:
+        """The share of a micro-batch's positions (of this rank's context chunks) the residual stream keeps."""
+        return 1 / self.tp if self.sp else 1.0
 
     def check_model(self, num_experts: int, layers: int, n_groups: int) -> None:
         """Layout checks that need the model's shape."""

@@ -93,11 +93,6 @@ def apply_expert_tensor_parallel(model: MoETransformer, dims: ParallelDims) -> N
             p.expert_tensor_parallel = True
 
 
-def routes_token_shares(dims: ParallelDims) -> bool:
-    """megatron's tp × ep layout: tp ranks hold the same tokens, so each routes and dispatches its 1/tp share."""
-    return dims.tp > 1 and dims.ep > 1 and dims.etp == 1 and not dims.sp
-
-
 class ParallelMoE:
     """An MoE block's communication in a parallel layout (scimoe/model/communication.py's MoECommunication):
     sequence gather (SP with etp), token shares (tp × ep), expert-parallel all-to-all, expert-tensor-parallel
@@ -109,7 +104,7 @@ class ParallelMoE:
         self.dispatcher = ExpertParallelDispatcher(num_experts, g.ep, g.ep_rank, dims.ep) if dims.ep > 1 \
             else LocalDispatcher(num_experts)
         self.sequence = TokenSplit(g.tp, g.tp_rank, dims.tp, dim=1) if dims.moe_gathers_sequence else None
-        self.share = TokenSplit(g.tp, g.tp_rank, dims.tp) if routes_token_shares(dims) else None
+        self.share = TokenSplit(g.tp, g.tp_rank, dims.tp) if dims.routes_token_shares else None
         self.share_parts = dims.tp if self.share else 1
         self.stats_group = "tp_dp" if dims.tokens_split_over_tp else "dp"
         # Sequence shards without the gather, context chunks: per-sequence statistics are summed over the ranks

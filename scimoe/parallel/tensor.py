@@ -19,7 +19,6 @@ from scimoe.model.communication import LocalText
 from scimoe.model.rotary import FoPE
 from scimoe.parallel.comm_ops import TokenSplit
 from scimoe.parallel.dims import ParallelDims
-from scimoe.parallel.expert import routes_token_shares
 
 def _megatron_classes():
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
@@ -166,7 +165,7 @@ def partial_grad_parameters(model: MoETransformer, dims: ParallelDims) -> list[n
     if isinstance(model.rotary, FoPE) and not is_tensor_parallel(model.rotary.cos_coef):
         params += [t for t in (model.rotary.cos_coef, model.rotary.sin_coef) if isinstance(t, nn.Parameter)]
     # With tp × ep each tp rank routes its own share of the tokens: router grads are per-share too.
-    if routes_token_shares(dims):
+    if dims.routes_token_shares:
         params += [moe.router.weight for moe in model.moe_layers()]
     return params
 

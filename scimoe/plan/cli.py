@@ -17,11 +17,10 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, replace
 
-from scimoe.config import Config
-from scimoe.launch.hardware import ACCELERATORS
-from scimoe.config import compose_config
+from scimoe.config import Config, compose_config
+from scimoe.hardware import ACCELERATORS
 from scimoe.parallel.dims import ParallelDims
-from scimoe.plan.memory import GIB, MemoryPlan, plan_memory
+from scimoe.plan.memory import GIB, MemoryPlan, layout, plan_memory
 from scimoe.plan.step import StepPlan, plan_step
 
 HEADROOM = 0.9  # leave 10% of device memory to the allocator, NCCL and fragmentation
@@ -48,8 +47,7 @@ class Plan:
 def check_layout(cfg: Config, world: int) -> ParallelDims:
     """The layout's dims, or ValueError naming what does not divide."""
     m, par = cfg.model, cfg.parallel
-    dims = ParallelDims(world_size=world, rank=0, tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp, cp=par.cp,
-                        sequence_parallel=par.sequence_parallel)
+    dims = layout(cfg, world)
     dims.check_model(m.moe.num_experts, m.layers, m.moe.n_groups)
     dims.check_sequence(cfg.train.seq_len)
     if m.heads % par.tp or m.kv_heads % par.tp or m.vocab_size % par.tp:
@@ -141,7 +139,7 @@ def describe(plan: Plan) -> str:
     host = max(worst.host_bytes_per_rank) if worst.host_bytes_per_rank else 0
     lines = [
         f"{cfg.model.name} on {plan.world} × {cfg.cluster.gpu} ({cfg.cluster.nodes} node(s)), layout "
-        f"{dims.describe().rsplit(' rank', 1)[0]} (expert-dp {max(1, par.tp * dims.dp // par.ep)}), "
+        f"{dims.describe().rsplit(' rank', 1)[0]} (expert-dp {dims.expert_dp}), "
         f"{cfg.train.global_batch} × {cfg.train.seq_len} tokens per step, micro-batch {cfg.train.micro_batch}, {cfg.train.dtype}",
         f"memory per GPU, fullest stage {worst.stage} (layers {worst.layers.start}-{worst.layers.stop - 1}):",
         f"  parameters ({'bf16' if bf16 else 'fp32'})           {_gib(worst.params_bytes)}   "

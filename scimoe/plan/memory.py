@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from scimoe.config import Config
 from scimoe.model.rotary import kept_frequency_count
+from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.pipeline import stage_layers
 
 GIB = 2**30
@@ -131,15 +132,18 @@ def master_bytes(params: list[tuple[int, bool]], ranks: int, per_element: int, p
     return held
 
 
+def layout(cfg: Config, world_size: int | None = None) -> ParallelDims:
+    """The layout `cfg.parallel` describes on `world_size` ranks (default: the smallest world it fits), whose
+    properties hold every share and group size the plan uses."""
+    p = cfg.parallel
+    return ParallelDims.from_config(p, world_size or p.tp * p.pp * p.cp * p.ep * p.etp, 0)
+
+
 def _shares(cfg: Config) -> tuple[float, float]:
     """(positions this rank holds outside attention, share of the tokens its expert block routes) per token of
-    the micro-batch: sequence parallelism keeps 1/tp of the positions; with tp × ep (no SP) each tp rank routes
-    its 1/tp share (megatron's layout); SP with etp gathers the whole sequence into the block."""
-    par = cfg.parallel
-    share = 1 / par.tp if par.sequence_parallel else 1.0
-    if par.sequence_parallel and par.etp > 1:
-        return share, 1.0
-    return share, 1 / par.tp if par.ep > 1 and par.etp == 1 and not par.sequence_parallel else share
+    the micro-batch (ParallelDims.held_fraction, routed_fraction)."""
+    dims = layout(cfg)
+    return dims.held_fraction, dims.routed_fraction
 
 
 def swiglu_elements_per_token(cfg: Config) -> float:
@@ -169,7 +173,7 @@ def activation_split(cfg: Config, moe_layer: bool, mode: str | None = None) -> t
         return fp32 + (2 * h + 1) * share, compute + (h + 4 * m.moe.dense_ffn_hidden) * share
     k = m.moe.top_k
     router = 2 * m.moe.num_experts + 10 * k  # probabilities, logits, weights, indices
-    if cfg.parallel.sequence_parallel and cfg.parallel.etp > 1:  # the block gathers the sequence: every position
+    if layout(cfg).moe_gathers_sequence:  # the block gathers the sequence: every position
         fp32 += 2 * h * share + 1 + h + router
         compute += h * share + 2 * h + 4 * m.moe.shared_expert_ffn + 3 * k * h
     else:  # the post-attention norm and the router's fp32 input; the experts' rows in and out
@@ -202,12 +206,10 @@ def layer_recompute(cfg: Config, layer: int) -> str:
 def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     """Per-rank bytes of every pipeline stage of `cfg`'s layout on `world_size` ranks."""
     m, par, train = cfg.model, cfg.parallel, cfg.train
-    tp, pp, ep = par.tp, par.pp, par.ep
-    dp = world_size // (tp * pp)
-    etp = par.etp
-    expert_dp = max(1, tp * dp // (ep * etp))  # megatron's expert groups span tp: tp·dp = etp·ep·expert-dp
+    dims = layout(cfg, world_size)
+    tp, pp, ep, etp, dp, expert_dp = dims.tp, dims.pp, dims.ep, dims.etp, dims.dp, dims.expert_dp
     stages = pp * par.pp_virtual
-    tokens = train.micro_batch * train.seq_len // par.cp  # context parallelism: this rank's chunks of each row
+    tokens = train.micro_batch * train.seq_len // dims.cp  # context parallelism: this rank's chunks of each row
     compute_bytes = 4 if train.dtype == "fp32" else 2
     mixed = train.dtype == "bf16" or train.optimizer_offload != "none"
     offload = train.optimizer_offload != "none"
@@ -234,7 +236,7 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
             fp32_act, compute_act = fp32_act + f, compute_act + c
         if rank == pp - 1:
             dense += [(m.hidden, False), (m.vocab_size * m.hidden // tp, True)]
-            held = 1 / tp if par.sequence_parallel else 1
+            held = dims.held_fraction
             fp32_act += (2 * m.hidden + 1) * held + 2 + m.vocab_size // tp  # final norm, labels, fp32 logits
             compute_act += m.hidden * held  # the head's input
         s.dense_params, s.expert_params = sum(n for n, _ in dense), sum(n for n, _ in experts)
@@ -283,7 +285,7 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
         elif train.recompute == "selective" and any(i >= m.moe.dense_layers for i in recomputed):
             rebuilt = compute_bytes * swiglu_elements_per_token(cfg)
         s.recompute_transient_bytes = int(rebuilt * tokens)
-        s.microbatches_in_flight = min(pp - rank, max(1, train.global_batch // (train.micro_batch * dp // par.cp)))
+        s.microbatches_in_flight = min(pp - rank, max(1, train.global_batch // (train.micro_batch * dims.data_parallel)))
         if ep > 1:  # dispatch send + receive buffers of one MoE layer: tokens·K rows of H each way
             s.alltoall_buffer_bytes = int(2 * tokens * m.moe.top_k * m.hidden * compute_bytes)
         plan.stages.append(s)

@@ -30,9 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scimoe.config import Config
-from scimoe.launch.hardware import ACCELERATORS, peak_tflops
+from scimoe.hardware import ACCELERATORS, peak_tflops
 from scimoe.model.counting import training_flops_per_token
-from scimoe.plan.memory import MemoryPlan
+from scimoe.plan.memory import MemoryPlan, layout
 
 HOST_ADAM_PARAMS_PER_S = 1.5e9
 
@@ -65,13 +65,12 @@ def recompute_flops_per_token(cfg: Config) -> float:
 
 def plan_step(cfg: Config, memory: MemoryPlan, world: int, matmul_efficiency: float = 0.55) -> StepPlan:
     m, par, train, cluster = cfg.model, cfg.parallel, cfg.train, cfg.cluster
-    tp, pp, ep = par.tp, par.pp, par.ep
-    dp = world // (tp * pp)
-    expert_dp = max(1, tp * dp // ep)
+    dims = layout(cfg, world)
+    tp, pp, ep, cp = dims.tp, dims.pp, dims.ep, dims.cp
+    dp, expert_dp = dims.dp, dims.expert_dp  # dp counts the cp ranks too: they sum gradients like data-parallel ones
     gpu = ACCELERATORS[cluster.gpu]
     act = 4 if train.dtype == "fp32" else 2
-    cp = par.cp  # dp counts the cp ranks too: they sum gradients like data-parallel ones
-    micro = max(1, train.global_batch // (train.micro_batch * dp // cp))
+    micro = max(1, train.global_batch // (train.micro_batch * dims.data_parallel))
     tokens = train.micro_batch * train.seq_len // cp
     worst = memory.worst()
     layers = len([i for i in range(worst.layers.start, worst.layers.stop)])
@@ -86,7 +85,7 @@ def plan_step(cfg: Config, memory: MemoryPlan, world: int, matmul_efficiency: fl
         "zero": (weight * worst.dense_params * share(dp) + weight * worst.expert_params * share(expert_dp))
         if par.zero else 0.0,
         "tp": micro * (4 * layers + 4) * tokens * m.hidden * act * ring(tp),
-        "ep": micro * moe_layers * 4 * tokens * m.moe.top_k * m.hidden * act * share(ep) / (tp if tp > 1 else 1),
+        "ep": micro * moe_layers * 4 * tokens * m.moe.top_k * m.hidden * act * share(ep) * dims.routed_fraction,
         "pp": micro * 2 * tokens * m.hidden * act if pp > 1 else 0.0,
         "cp": micro * layers * 2 * tokens * cp * m.kv_heads // tp * m.head_dim * act * (share(cp) + ring(cp)),
     }

@@ -22,7 +22,6 @@ import torch
 
 from scimoe.config import Config, ConfigError
 from scimoe.parallel.dims import ParallelDims
-from scimoe.parallel.expert import routes_token_shares
 from scimoe.rl.generate import Policy, sample
 from scimoe.rl.loss import group_advantages, tis_weight
 from scimoe.rl.rewards import RewardFailure, build_reward
@@ -74,7 +73,7 @@ def _check_layout(cfg: Config, dims: ParallelDims) -> None:
     if g.prompts_per_step % dims.dp:
         raise ConfigError(f"config error at 'grpo.prompts_per_step': {g.prompts_per_step} prompts do not split "
                           f"evenly over {dims.dp} data-parallel ranks (every rank must sample as many, in step)")
-    if routes_token_shares(dims) and (g.prompts_per_step // dims.dp * g.group_size) % dims.tp:
+    if dims.routes_token_shares and (g.prompts_per_step // dims.dp * g.group_size) % dims.tp:
         raise ConfigError(f"config error at 'grpo.group_size': each rank's {g.prompts_per_step // dims.dp} × "
                           f"{g.group_size} sequences must split over parallel.tp ({dims.tp}) with tp × ep")
 

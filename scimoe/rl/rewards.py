@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from scimoe.config import ConfigError
+from scimoe.errors import RunError
 from scimoe.registry import resolve_target
 
 THINK = re.compile(r"^\s*<think>(.*?)</think>\s*(\S.*)$", re.S)
@@ -78,7 +79,7 @@ class RewardError(ConfigError):
     """A reward function returned something that is not a number."""
 
 
-class RewardFailure(RuntimeError):
+class RewardFailure(RunError, RuntimeError):
     """A reward function raised (grpo.reward_errors=stop), or every reward of a step failed."""
 
 

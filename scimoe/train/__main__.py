@@ -25,7 +25,8 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from scimoe.config import ConfigError, register_configs, validate  # noqa: E402
-from scimoe.launch.run_dir import register_resolvers  # noqa: E402
+from scimoe.errors import RunError  # noqa: E402
+from scimoe.run_dir import register_resolvers  # noqa: E402
 from scimoe.registry import resolve_target  # noqa: E402
 from scimoe.train.overrides import check_command_line, name_override  # noqa: E402
 
@@ -50,10 +51,6 @@ def main() -> None:
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def run(cfg: DictConfig) -> None:
-    from scimoe.data.records import TooManyBadRecords
-    from scimoe.rl.rewards import RewardFailure
-    from scimoe.train.checkpoint_dir import CheckpointError, CheckpointFolderError, CheckpointSaveError
-
     try:
         config = validate(cfg)
         recipe = resolve_target(config.recipe.name, "recipe.name", RECIPES)
@@ -61,12 +58,9 @@ def run(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"scimoe-train: {name_override(str(err), list(HydraConfig.get().overrides.task))}", file=sys.stderr)
         sys.exit(2)
-    except CheckpointFolderError as err:
+    except RunError as err:  # checkpoints, data, rewards: the message is the whole story
         print(f"scimoe-train: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (CheckpointError, CheckpointSaveError, RewardFailure, TooManyBadRecords) as err:
-        print(f"scimoe-train: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(err.exit_code)
     finally:
         import torch.distributed as dist
 

@@ -35,7 +35,7 @@ def moe_health(counts: list[torch.Tensor], stats: list[torch.Tensor]) -> dict[st
     return out
 
 
-def load_image(loads: list[list[int]], step: int):
+def expert_load_figure(loads: list[list[int]], step: int):
     """A layer × expert heatmap of each expert's share of its layer's routed tokens (matplotlib figure)."""
     import matplotlib
 
@@ -178,7 +178,7 @@ class WandbLogger(JsonlLogger):
         if loads and self._heatmap_every and record["step"] % self._heatmap_every == 0:
             import matplotlib.pyplot as plt
 
-            fig = load_image(loads, record["step"])
+            fig = expert_load_figure(loads, record["step"])
             values["moe/expert_load"] = self._wandb.Image(fig)
             plt.close(fig)
         self._run.log(values, step=record["step"])

@@ -16,7 +16,7 @@ from scimoe.config import Config
 from scimoe.data.loader import StepLoader
 from scimoe.data.sources import build_rows, data_source
 from scimoe.data.stream import StreamLoader
-from scimoe.launch.hardware import peak_tflops
+from scimoe.hardware import peak_tflops
 from scimoe.model.counting import training_flops_per_token
 from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.runtime import full_state_dict

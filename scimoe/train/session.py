@@ -23,15 +23,15 @@ from typing import Callable, Iterator
 import torch
 
 from scimoe.config import Config, ConfigError
-from scimoe.launch.run_dir import clear_finished, mark_finished
+from scimoe.run_dir import clear_finished, mark_finished
 from scimoe.model import MoETransformer, build_model
 from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.parallelize import parallelize
 from scimoe.parallel.runtime import install_grad_buckets, master_shards, optimizer_shards
 from scimoe.parallel.state import gather_coordinates, rank_grid
-from scimoe.train import checkpoint
-from scimoe.train.async_save import AsyncSaver
-from scimoe.train.checkpoint_dir import CheckpointSaveError, step_folders
+from scimoe.checkpoint import contents, storage
+from scimoe.checkpoint.async_save import AsyncSaver
+from scimoe.checkpoint.storage import CheckpointSaveError, step_folders
 from scimoe.train.metrics import make_logger
 from scimoe.train.master import MasterOptimizer, cast_to_bf16
 from scimoe.train.optim import build_optimizer, lr_at
@@ -169,19 +169,19 @@ class Session:
     def _load_init_weights(self, model: MoETransformer) -> None:
         source = self.cfg.checkpoint.init_weights
         if source.startswith("hf:"):  # a Hugging Face folder, read rank by rank
-            checkpoint.load_hf_weights(source[3:], model, self.cfg.model, self.dims)
+            contents.load_hf_weights(source[3:], model, self.cfg.model, self.dims)
             return
-        source = checkpoint.find_resume_path(self.run_dir, source, "checkpoint.init_weights")
-        checkpoint.load_weights(source, model, self.dims)
+        source = storage.find_resume_path(self.run_dir, source, "checkpoint.init_weights")
+        contents.load_weights(source, model, self.dims)
 
     def resume(self) -> dict | None:
         """Continue from the checkpoint `checkpoint.resume` names (the train state it saved) or start from
         checkpoint.init_weights (None); then open the logger at the right step."""
         cfg = self.cfg
         state = None
-        path = checkpoint.find_resume_path(self.run_dir, cfg.checkpoint.resume)
+        path = storage.find_resume_path(self.run_dir, cfg.checkpoint.resume)
         if path:
-            state = checkpoint.load(path, self.model, self.optimizer, self.dims)
+            state = contents.load(path, self.model, self.optimizer, self.dims)
             self.start = self.reached = state["step"]
             log.info("resumed from %s (step %d)", path, self.start)
         elif cfg.checkpoint.init_weights:
@@ -241,7 +241,7 @@ class Session:
         if self.skipped_in_a_row >= cfg.train.max_skipped_in_a_row:
             raise RuntimeError(f"{self.skipped_in_a_row} steps in a row had a non-finite loss or grad norm "
                                f"(train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}); stopping. The last "
-                               f"complete checkpoint is kept in {checkpoint.checkpoint_root(self.run_dir)}")
+                               f"complete checkpoint is kept in {storage.checkpoint_root(self.run_dir)}")
         self._poll_async_save()
         last = step == cfg.train.steps
         stopping = self.stop.should_stop(self.dims.any_rank)
@@ -259,14 +259,14 @@ class Session:
         """Checkpoint `step` (every rank); a failed save stops the run or is reported, as
         checkpoint.on_save_error says."""
         def on_complete() -> None:
-            checkpoint.prune(self.run_dir, self.cfg.checkpoint.keep_last)
-            log.info("saved %s", checkpoint.step_dir(self.run_dir, step))
+            storage.prune(self.run_dir, self.cfg.checkpoint.keep_last)
+            log.info("saved %s", storage.step_dir(self.run_dir, step))
 
         from omegaconf import OmegaConf
 
         self._warn_if_disk_is_short(step)
         try:
-            checkpoint.save(self.run_dir, step, self.model, self.optimizer, data_state,
+            contents.save(self.run_dir, step, self.model, self.optimizer, data_state,
                             OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), self.dims, self.saver,
                             on_complete if self.dims.rank == 0 else None,
                             extra_state={"balance_scope": self.balance_scope})
@@ -284,23 +284,23 @@ class Session:
     def _save_failed(self, err: BaseException) -> None:
         if self.cfg.checkpoint.on_save_error == "stop":
             raise err
-        done = checkpoint.complete_checkpoints(self.run_dir)
+        done = storage.complete_checkpoints(self.run_dir)
         log.error("%s; checkpoint.on_save_error=continue: training goes on, a resume now would use %s", err,
                   done[-1][1] if done else "no checkpoint (start over)")
 
     def _warn_if_disk_is_short(self, step: int) -> None:
         if self.dims.rank != 0:
             return
-        done = checkpoint.complete_checkpoints(self.run_dir)
+        done = storage.complete_checkpoints(self.run_dir)
         try:
-            need = checkpoint.size_bytes(done[-1][1]) if done else 0
+            need = storage.size_bytes(done[-1][1]) if done else 0
             free = shutil.disk_usage(self.run_dir).free
         except OSError as err:
             log.warning("cannot tell whether %s has room for checkpoint %s: %s", self.run_dir, step, err)
             return
         if need and free < need:
             log.warning("checkpoint %s needs about %.2f GiB (the size of the last one) but %.2f GiB are free on %s: "
-                        "the save may fail", checkpoint.step_dir(self.run_dir, step), need / 2**30, free / 2**30,
+                        "the save may fail", storage.step_dir(self.run_dir, step), need / 2**30, free / 2**30,
                         self.run_dir)
 
     def close(self, failed: bool = False) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from scimoe.model import MoETransformer
-from scimoe.model.moe.layer import MoEAux
+from scimoe.model.moe.layer import MoEAux, stats_over_ranks
 from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.pipeline import PipelineChunk, pipeline_forward_backward
 from scimoe.parallel.runtime import clip_grad_norm, sync_grads
@@ -68,8 +68,7 @@ def _sum_token_shares(dims: ParallelDims, totals, counts, stats):
     if totals is not None:
         totals = torch.cat([totals[:1], dims.reduce_sum(totals[1:], over="tp")])
     counts = [dims.reduce_sum(c, over="tp") for c in counts]
-    mean = torch.tensor([1.0 / dims.tp, 1.0, 1.0, 1.0 / dims.tp], dtype=torch.float64)
-    stats = [dims.reduce_sum(s, over="tp") * mean for s in stats]
+    stats = [stats_over_ranks(dims.reduce_sum(s, over="tp"), dims.tp) for s in stats]
     return totals, counts, stats
 
 
@@ -80,7 +79,7 @@ def forward_backward(model: MoETransformer, chunks: list[PipelineChunk], microba
     micro-batches."""
     b, s = microbatches[0]["input_ids"].shape
     dims.check_sequence(s)
-    if dims.tokens_split_over_tp and not dims.sp and b % dims.tp:
+    if dims.routes_token_shares and b % dims.tp:
         raise ValueError(f"train.micro_batch ({b}) must be divisible by parallel.tp ({dims.tp}) when tensor "
                          "and expert parallelism are combined")
     n_micro = len(microbatches)
@@ -174,8 +173,7 @@ def train_step(model: MoETransformer, optimizer, microbatches: list[dict[str, to
     total = lm_loss + balance + z
     grad_norm, skipped = apply_update(model, optimizer, dims, grad_clip, total)
     counts = [dims.reduce_sum(c) for c in counts]
-    dp = dims.dp  # entropy and bias drift: mean over dp (× cp) ranks; balance and z: shares of a sum
-    stats = [dims.reduce_sum(s) * torch.tensor([1.0 / dp, 1.0, 1.0, 1.0 / dp], dtype=torch.float64) for s in stats]
+    stats = [stats_over_ranks(dims.reduce_sum(s), dims.dp) for s in stats]  # over dp (× cp) ranks
     tokens = int(dims.reduce_sum(torch.tensor(sum(dims.context_share(mb["input_ids"]).numel() for mb in microbatches))))
     return StepResult(loss=total, lm_loss=lm_loss, balance_loss=balance, z_loss=z, grad_norm=grad_norm,
                       tokens=tokens, skipped=skipped, expert_counts=counts, layer_stats=stats)

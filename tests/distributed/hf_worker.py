@@ -54,13 +54,13 @@ def run_released(spec: dict, rank: int, world: int) -> dict:
     against the released code's."""
     from scimoe.parallel.parallelize import parallelize
     from scimoe.model import build_model
-    from scimoe.train import checkpoint
+    from scimoe.checkpoint import contents, storage
     from scimoe.train.session import materialize
     from tests.model.test_released_model import FIXTURE
     from safetensors.torch import load_file
 
     from scimoe.config import ParallelConfig
-    from scimoe.convert.hf_index import read_config
+    from scimoe.checkpoint.hf_index import read_config
 
     cfg = read_config(FIXTURE)
     layout = spec["layout"]
@@ -70,7 +70,7 @@ def run_released(spec: dict, rank: int, world: int) -> dict:
         model = build_model(cfg)
         parallelize(model, dims)
     model = materialize(model, torch.device("cpu")).eval()
-    checkpoint.load_hf_weights(FIXTURE, model, cfg, dims)
+    contents.load_hf_weights(FIXTURE, model, cfg, dims)
     want = load_file(FIXTURE + "_expected.safetensors")
     ids = want["input_ids"]
     with torch.no_grad():

@@ -13,12 +13,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from scimoe.train import checkpoint_dir, pretrain  # noqa: E402
+from scimoe.checkpoint import storage  # noqa: E402
+from scimoe.train import pretrain  # noqa: E402
 from scimoe.train.__main__ import main  # noqa: E402
 
 slow_path = os.environ.get("SCIMOE_TEST_SLOW_PATH")
 if slow_path:
-    real_write = checkpoint_dir._fsync_write
+    real_write = storage._fsync_write
 
     def _fsync_write(path: str, data: bytes) -> str:
         if slow_path in path:
@@ -26,7 +27,7 @@ if slow_path:
             time.sleep(600)
         return real_write(path, data)
 
-    checkpoint_dir._fsync_write = _fsync_write
+    storage._fsync_write = _fsync_write
 
 step_seconds = float(os.environ.get("SCIMOE_TEST_STEP_SECONDS", "0"))
 if step_seconds:

@@ -16,7 +16,7 @@ import pytest
 from scimoe.config import Config, DataConfig, LoggerConfig, ModelConfig, MoEConfig, TrainConfig
 from scimoe.convert import cli
 from scimoe.model import build_model
-from scimoe.train import checkpoint, shards
+from scimoe.checkpoint import contents, shards, storage
 from scimoe.train.pretrain import pretrain
 from tests.distributed import launching
 
@@ -48,7 +48,7 @@ def _folder(tmp, model: str) -> str:
     cfg = Config(model=MODELS[model])
     state = {k: v.bfloat16() if v.is_floating_point() else v for k, v in build_model(cfg.model, seed=11).state_dict().items()}
     entries = {k: (k, t, shards.placement(t, None)) for k, t in state.items()}
-    start = checkpoint.write(str(tmp / f"{model}_run"), 1, entries, None, None, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    start = contents.write(str(tmp / f"{model}_run"), 1, entries, None, None, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     cli.export(start, str(tmp / f"{model}_hf"), max_shard_bytes=2 * 2**20)
     return str(tmp / f"{model}_hf")
 
@@ -87,7 +87,7 @@ def test_each_rank_reads_only_its_share_of_a_hf_folder(tmp_path):
 
 def test_two_ranks_export_what_one_process_exports(tmp_path):
     folder = _folder(tmp_path, "tiny")  # one process
-    source = checkpoint.step_dir(str(tmp_path / "tiny_run"), 1)
+    source = storage.step_dir(str(tmp_path / "tiny_run"), 1)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "scimoe.convert.cli", "export", source, str(tmp_path / "two"), "--max-shard-gb",

@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 
-from scimoe.train import checkpoint, checkpoint_dir
+from scimoe.checkpoint import contents, storage
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SLOW_TRAIN = os.path.join(REPO, "tests", "distributed", "slow_train.py")
@@ -71,19 +71,19 @@ def test_sigkill_during_saves_and_between_them_always_resumes_from_a_complete_ch
     _wait_for(sentinel.exists, job, "the save of step 4")
     _kill(job)
     assert (run / "checkpoints" / ".step_00000004.tmp").exists()  # the half-written save is there ...
-    assert checkpoint.find_resume_path(str(run), "auto") == checkpoint.step_dir(str(run), 2)  # ... and ignored
+    assert storage.find_resume_path(str(run), "auto") == storage.step_dir(str(run), 2)  # ... and ignored
     sentinel.unlink()
     # 2. After step 6's folder is renamed into place, before its COMPLETE marker.
     job = _start(run, SCIMOE_TEST_SLOW_PATH="step_00000006/.COMPLETE.tmp", SCIMOE_TEST_SENTINEL=str(sentinel))
     _wait_for(sentinel.exists, job, "the marker of step 6")
     _kill(job)
-    assert os.path.isdir(checkpoint.step_dir(str(run), 6)) and not checkpoint.is_complete(checkpoint.step_dir(str(run), 6))
-    assert checkpoint.find_resume_path(str(run), "auto") == checkpoint.step_dir(str(run), 4)
+    assert os.path.isdir(storage.step_dir(str(run), 6)) and not storage.is_complete(storage.step_dir(str(run), 6))
+    assert storage.find_resume_path(str(run), "auto") == storage.step_dir(str(run), 4)
     # 3. Between saves: after step 5 is logged, while step 6 runs.
     job = _start(run, SCIMOE_TEST_STEP_SECONDS="2")
     _wait_for(lambda: max((r["step"] for r in _logged(run)), default=0) >= 5, job, "step 5")
     _kill(job)
-    assert checkpoint.find_resume_path(str(run), "auto") == checkpoint.step_dir(str(run), 4)
+    assert storage.find_resume_path(str(run), "auto") == storage.step_dir(str(run), 4)
     # 4. Finish, and compare with a run never interrupted.
     for run_dir in (run, tmp_path / "whole"):
         job = _start(run_dir)
@@ -92,7 +92,7 @@ def test_sigkill_during_saves_and_between_them_always_resumes_from_a_complete_ch
     killed, whole = _logged(run), _logged(tmp_path / "whole")
     assert [r["step"] for r in killed] == list(range(1, 9))  # each step once
     assert [r["loss"] for r in killed] == [r["loss"] for r in whole]  # bit-identical
-    assert [s for s, _ in checkpoint.complete_checkpoints(str(run))] == [2, 4, 6, 8]
+    assert [s for s, _ in storage.complete_checkpoints(str(run))] == [2, 4, 6, 8]
     assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".")]  # leftovers cleaned up
 
 
@@ -108,8 +108,8 @@ def test_random_kills_of_a_two_rank_job_always_resume_bit_identically(tmp_path):
         if job.poll() is not None:  # finished before the kill: nothing left to interrupt
             break
         _kill(job)
-        resumable = checkpoint.find_resume_path(str(run), "auto")
-        assert resumable is None or checkpoint_dir.problem(resumable) is None
+        resumable = storage.find_resume_path(str(run), "auto")
+        assert resumable is None or storage.problem(resumable) is None
     for run_dir in (run, tmp_path / "whole"):
         job = _start(run_dir, *args)
         output, _ = job.communicate(timeout=600)

@@ -7,7 +7,7 @@ import pytest
 from safetensors.torch import save_file
 
 from scimoe.model import build_model
-from scimoe.train import checkpoint
+from scimoe.checkpoint import contents, storage
 from scimoe.train.pretrain import pretrain
 from tests.distributed.parity_config import parity_config
 from tests.distributed.test_parity import launch
@@ -48,15 +48,15 @@ def test_bf16_masters_train_in_tp_ep_and_pp_layouts_and_move_between_them_exactl
         assert got == pytest.approx(want, rel=BF16_TOL)
     assert abs(tp_ep[-1] - fp32[-1]) > 2 * abs(tp_ep[-1] - reference[-1]), (tp_ep, reference, fp32)  # really bf16
     # The pipeline layout took over tp2×ep2's step-2 masters and moments bit for bit ...
-    saved = checkpoint_tensors(checkpoint.step_dir(str(tmp_path / "tp2xep2"), 2))
-    loaded = checkpoint_tensors(checkpoint.step_dir(str(tmp_path / "pp2_resaved"), 2))
+    saved = checkpoint_tensors(storage.step_dir(str(tmp_path / "tp2xep2"), 2))
+    loaded = checkpoint_tensors(storage.step_dir(str(tmp_path / "pp2_resaved"), 2))
     assert loaded.keys() == saved.keys() and any(k.endswith("::exp_avg") for k in saved)
     assert [k for k in saved if not (saved[k] == loaded[k]).all()] == []
     # ... and so did an fp32 run without ZeRO in another layout (the masters become its weights)
-    again = checkpoint_tensors(checkpoint.step_dir(str(tmp_path / "ep2_fp32_zero0_resaved"), 2))
+    again = checkpoint_tensors(storage.step_dir(str(tmp_path / "ep2_fp32_zero0_resaved"), 2))
     assert again.keys() == saved.keys() and [k for k in saved if not (saved[k] == again[k]).all()] == []
     # ... and from there into ZeRO-1 sharding again
-    sharded = checkpoint_tensors(checkpoint.step_dir(str(tmp_path / "ep2xdp2_zero1_from_zero0_resaved"), 2))
+    sharded = checkpoint_tensors(storage.step_dir(str(tmp_path / "ep2xdp2_zero1_from_zero0_resaved"), 2))
     assert sharded.keys() == saved.keys() and [k for k in saved if not (saved[k] == sharded[k]).all()] == []
     # ... and the pipeline layout continues from there like the run that saved them.
     for got, want in zip(out["pp2"]["losses"], tp_ep[2:]):

@@ -17,10 +17,10 @@ import pytest
 from safetensors.torch import save_file
 
 from scimoe.model import build_model
-from scimoe.train import checkpoint
+from scimoe.checkpoint import contents, storage
 from scimoe.train.master import cpu_adam_available
 from scimoe.train.pretrain import pretrain
-from scimoe.train.shards import ShardIndex
+from scimoe.checkpoint.shards import ShardIndex
 from tests.distributed import launching
 from tests.distributed.parity_config import GLOBAL_BATCH, STEPS, parity_config
 from tests.plan.test_memory_plan import assert_memory_matches
@@ -81,14 +81,14 @@ def _assert_parity(results: dict, names: list[str], reference: dict) -> None:
 
 
 def final_checkpoint(workdir: str, name: str) -> str:
-    return checkpoint.step_dir(os.path.join(workdir, name), STEPS)
+    return storage.step_dir(os.path.join(workdir, name), STEPS)
 
 
 def checkpoint_deviation(path: str, reference_path: str) -> dict[str, float]:
     """‖a − b‖/‖b‖ of every model and optimizer tensor, each assembled whole from its layout's pieces."""
     out = {}
     for kind in ("model", "optimizer"):
-        got, want = ShardIndex(checkpoint.files(path, kind)), ShardIndex(checkpoint.files(reference_path, kind))
+        got, want = ShardIndex(contents.files(path, kind)), ShardIndex(contents.files(reference_path, kind))
         assert got.names() == want.names(), (kind, set(got.names()) ^ set(want.names()))
         for name in want.names():
             a, b = got.full(name).double(), want.full(name).double()
@@ -112,7 +112,7 @@ def _assert_resumed(results: dict, reference: dict, name: str, source: str | Non
 def _resume_in_this_process(reference: dict, source: str) -> None:
     """Resume `source`'s multi-rank checkpoint in one process: the world size changes too."""
     cfg = parity_config(micro_batch=GLOBAL_BATCH // 2)
-    cfg.checkpoint.resume = checkpoint.step_dir(os.path.join(reference["workdir"], source), RESUME_AT)
+    cfg.checkpoint.resume = storage.step_dir(os.path.join(reference["workdir"], source), RESUME_AT)
     name = f"single_from_{source}"
     run = pretrain(cfg, os.path.join(reference["workdir"], name))
     losses = [r["loss"] for r in run.records]

@@ -50,9 +50,9 @@ def test_sigterm_on_one_rank_saves_exits_zero_and_resumes_exactly(tmp_path):
             job.kill()
     assert job.returncode == 0, output[-4000:]
     assert "stop requested (SIGTERM)" in output or "stop requested (another rank)" in output
-    from scimoe.train import checkpoint
+    from scimoe.checkpoint import contents, storage
 
-    saved = checkpoint.complete_checkpoints(str(run))
+    saved = storage.complete_checkpoints(str(run))
     assert saved, output[-2000:]
     stopped_at = saved[-1][0]
     assert max(_losses(run)) == stopped_at < 400

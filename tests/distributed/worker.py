@@ -295,7 +295,7 @@ def run_master(spec: dict, rank: int, world: int) -> dict:
     """Layouts trained with mixed-precision options (dtype, offload, zero) from the same initial weights; one with
     `resave_from` first resumes another layout's checkpoint and saves it again straight away (what it loaded, in
     the file format), then continues to `steps`."""
-    from scimoe.train import checkpoint
+    from scimoe.checkpoint import contents, storage
     from scimoe.train.session import Session
 
     initial = load_file(spec["initial_weights"])

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 
-from scimoe.launch.env import apply_launcher_env, expand_nodelist, launcher
+from scimoe.parallel.launcher_env import apply_launcher_env, expand_nodelist, launcher
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from scimoe.config import register_configs
-from scimoe.launch.run_dir import register_resolvers
+from scimoe.run_dir import register_resolvers
 from scimoe.launch.slurm import main, render, sbatch_script
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "intern_s1_pro_4x8_h100.sbatch")

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from scimoe.config import ModelConfig, MoEConfig
 from scimoe.model import build_model
-from scimoe.model.attention import Attention, Documents, document_causal_mask, packed_attention
+from scimoe.model.attention import Attention, packed_attention
+from scimoe.model.documents import Documents, document_causal_mask
 
 
 def test_documents_are_cumulative_lengths_over_the_flattened_batch():
@@ -72,7 +73,8 @@ def test_packed_row_logits_equal_documents_run_one_by_one():
 
 _PEAK = """
 import resource, torch
-from scimoe.model.attention import Documents, packed_attention
+from scimoe.model.attention import packed_attention
+from scimoe.model.documents import Documents
 t = 32768
 positions = torch.cat([torch.arange(n) for n in (20000, 9000, 3768)]).view(1, t)
 q = torch.randn(1, t, 2, 16, requires_grad=True); k = torch.randn(1, t, 1, 16, requires_grad=True)

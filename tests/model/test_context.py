@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from scimoe.config import ConfigError, ParallelConfig
-from scimoe.model.attention import Documents, packed_attention
+from scimoe.model.attention import packed_attention
+from scimoe.model.documents import Documents
 from scimoe.model.context import ContextDocuments, chunk_indices, document_starts, lower_right_causal, row_order
 from scimoe.parallel.dims import ParallelDims
 

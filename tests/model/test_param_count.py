@@ -6,7 +6,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from scimoe.config import register_configs, validate
-from scimoe.launch.run_dir import register_resolvers
+from scimoe.run_dir import register_resolvers
 from scimoe.model import build_model
 from scimoe.model.counting import parameter_counts
 

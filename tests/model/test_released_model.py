@@ -14,9 +14,9 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from scimoe.convert.hf_index import HFIndex, read_config
+from scimoe.checkpoint.hf_index import HFIndex, read_config
 from scimoe.model import build_model
-from scimoe.train import checkpoint
+from scimoe.checkpoint import contents, storage
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "released", "tiny_model")
 
@@ -24,7 +24,7 @@ FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "
 def released_model():
     cfg = read_config(FIXTURE)
     model = build_model(cfg)
-    checkpoint._load_model(HFIndex(FIXTURE, cfg), model, {}, FIXTURE)
+    contents._load_model(HFIndex(FIXTURE, cfg), model, {}, FIXTURE)
     return cfg, model.eval(), load_file(FIXTURE + "_expected.safetensors")
 
 

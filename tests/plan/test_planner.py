@@ -69,6 +69,24 @@ def test_data_parallel_volume_matches_a_hand_count():
     assert make_plan(cfg).fits()
 
 
+def test_expert_tensor_parallelism_shrinks_the_expert_data_parallel_group(capsys):
+    """tp2 × ep2 × etp2 on 8 GPUs: each expert shard has 8 / (ep · etp · pp) = 2 replicas, so its gradients are
+    summed over 2 ranks, not the 4 that tp · dp / ep would give (the planner said 4 before it asked ParallelDims)."""
+    cfg = Config()
+    cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.etp = 2, 2, 2
+    cfg.train.global_batch, cfg.train.micro_batch = 8, 2
+    cfg.cluster.gpu, cfg.cluster.gpus = "cpu", 8
+    memory = plan_memory(cfg, 8)
+    stage = memory.stages[0]
+    assert stage.expert_params > 0
+    step = plan_step(cfg, memory, 8)
+    ring = lambda n: 2 * (n - 1) / n  # noqa: E731
+    assert step.comm_bytes["dp"] == pytest.approx(4 * stage.dense_params * ring(4) + 4 * stage.expert_params * ring(2))
+    main(["parallel.tp=2", "parallel.ep=2", "parallel.etp=2", "cluster.gpu=cpu", "cluster.gpus=8",
+          "train.global_batch=8", "train.micro_batch=2"])
+    assert "(expert-dp 2)" in capsys.readouterr().out
+
+
 def test_context_parallelism_splits_the_rows_activations_and_sends_their_keys_and_values():
     """cp2 holds half the positions (plus the row's K/V during attention) and sends, per layer and micro-batch,
     the all-gather of K and V forward and the all-reduce of their gradients backward: a hand count."""

@@ -16,7 +16,7 @@ from scimoe.rl.rewards import RewardError, build_reward, final_answer
 from scimoe.rl.scoring import logprob_head, rollout_batch
 from scimoe.rl.tasks import LOOKUP_CALL, LookupTask
 from scimoe.rl.tools import Tools, build_tools, calculator, sample_with_tools
-from scimoe.train import checkpoint, shards
+from scimoe.checkpoint import contents, shards, storage
 from scimoe.train.step import forward_with_head
 
 
@@ -96,10 +96,10 @@ def test_grpo_with_tools_raises_the_reward_and_the_share_of_well_formed_calls(tm
     over 10 steps of 64 samples moves by ~0.02 (one standard error) without learning, and the slowest of the
     five seeds rose 2.5 times that much."""
     cfg, _, model = _warm_policy(150)
-    state = checkpoint.tensor_state(model)
+    state = contents.tensor_state(model)
     from omegaconf import OmegaConf
 
-    start = checkpoint.write(str(tmp_path / "warm"), 0, {n: (n, t, shards.placement(t, None)) for n, t in state.items()},
+    start = contents.write(str(tmp_path / "warm"), 0, {n: (n, t, shards.placement(t, None)) for n, t in state.items()},
                              None, None, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     run = compose_config(["recipe=grpo_tools", "train.steps=50", "grpo.prompts_per_step=8", "logger=jsonl",
                           f"checkpoint.init_weights={start}"])

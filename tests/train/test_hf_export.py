@@ -15,9 +15,10 @@ import sys
 import pytest
 import torch
 
-from scimoe.convert import cli, hf
+from scimoe.checkpoint import hf_layout
+from scimoe.convert import cli
 from scimoe.model import build_model
-from scimoe.train import checkpoint, shards
+from scimoe.checkpoint import contents, shards, storage
 from scimoe.train.pretrain import pretrain
 from tests.conftest import tiny_config
 
@@ -31,11 +32,11 @@ def _trained(tmp_path, steps: int = 2, **model_overrides) -> tuple[str, object]:
         setattr(target, key, value)
     cfg.model.zero_init_output = False  # non-trivial logits from the start
     pretrain(cfg, str(tmp_path / "run"))
-    return checkpoint.step_dir(str(tmp_path / "run"), steps), cfg
+    return storage.step_dir(str(tmp_path / "run"), steps), cfg
 
 
 def _state(path: str) -> dict[str, torch.Tensor]:
-    index = shards.ShardIndex(checkpoint.files(path, "model"))
+    index = shards.ShardIndex(contents.files(path, "model"))
     return {name: index.full(name) for name in index.names()}
 
 
@@ -77,7 +78,7 @@ def test_all_three_towers_go_out_and_come_back_under_the_released_names(tmp_path
     entries = {k: (k, t, shards.placement(t, None)) for k, t in state.items()}
     from omegaconf import OmegaConf
 
-    start = checkpoint.write(str(tmp_path / "run"), 3, entries, None, None, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    start = contents.write(str(tmp_path / "run"), 3, entries, None, None, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     cli.export(start, str(tmp_path / "hf"))
     weights = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
     for name in ("model.visual.patch_embed.proj.weight", "model.visual.pos_embed.weight",
@@ -101,7 +102,7 @@ def test_a_selection_bias_the_released_code_would_ignore_is_refused(tmp_path):
     assert any(t.any() for n, t in _state(path).items() if n.endswith("selection_bias"))
     with pytest.raises(ValueError, match=r"model\.moe\.bias_update_rate.*routes without it"):
         cli.export(path, str(tmp_path / "hf"))
-    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.tmp").exists()  # a failed export leaves nothing
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf_layout.tmp").exists()  # a failed export leaves nothing
 
 
 def test_transformers_5_files_import_fused_experts_and_num_local_experts(tmp_path):
@@ -135,10 +136,10 @@ def test_transformers_5_files_import_fused_experts_and_num_local_experts(tmp_pat
     ({"decoder_sparse_step": 2}, "decoder_sparse_step"),
     ({"rope_scaling": {"rope_type": "default", "mrope_section": [24, 20, 20]}}, "rope_scaling.mrope_section")])
 def test_what_scimoe_cannot_compute_is_refused_naming_the_field(change, key):
-    config = hf.hf_config(tiny_config().model, "intern_s1_pro")
+    config = hf_layout.hf_config(tiny_config().model, "intern_s1_pro")
     config["text_config"].update(change)
     with pytest.raises(ValueError, match=f"config error at '(text_config\\.)?{key.replace('.', chr(92) + '.')}'"):
-        hf.model_config(config)
+        hf_layout.model_config(config)
 
 
 def test_qwen3_moe_transformers_gives_the_same_logits(tmp_path):
@@ -176,9 +177,9 @@ def test_training_starts_from_an_imported_folder_through_the_command_line_tools(
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "checkpoint.init_weights=" in out.stdout and "model.moe.num_experts=16" in out.stdout
-    start = checkpoint.step_dir(str(tmp_path / "imported"), 0)
+    start = storage.step_dir(str(tmp_path / "imported"), 0)
     with pytest.raises(ValueError, match="weights only"):
-        checkpoint.load(start, build_model(cfg.model), None)
+        contents.load(start, build_model(cfg.model), None)
     fresh = tiny_config(steps=2)
     fresh.checkpoint.init_weights = start
     with pytest.raises(ValueError, match="data.tokenizer"):  # the weights' tokenizer must come with them
@@ -236,4 +237,4 @@ def test_bad_folders_are_refused_by_name_and_leave_nothing(tmp_path):
         with pytest.raises(ValueError, match=message):
             cli.import_hf(str(tmp_path / name), str(tmp_path / f"out_{name}"))
         assert not (tmp_path / f"out_{name}").exists(), name  # nothing partial left
-    assert hf.LAYOUTS == ("intern_s1_pro", "qwen3_moe")
+    assert hf_layout.LAYOUTS == ("intern_s1_pro", "qwen3_moe")

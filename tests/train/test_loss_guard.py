@@ -14,7 +14,8 @@ import os
 import pytest
 import torch
 
-from scimoe.train import checkpoint, pretrain as pretrain_module, shards
+from scimoe.checkpoint import contents, shards, storage
+from scimoe.train import pretrain as pretrain_module
 from scimoe.train.pretrain import pretrain
 from tests.conftest import tiny_config
 
@@ -38,7 +39,7 @@ def _poison(monkeypatch, steps: set[int]) -> None:
 
 
 def _tensors(path: str, kind: str) -> dict[str, torch.Tensor]:
-    index = shards.ShardIndex(checkpoint.files(path, kind))
+    index = shards.ShardIndex(contents.files(path, kind))
     return {name: index.full(name) for name in index.names()}
 
 
@@ -57,7 +58,7 @@ def test_a_nan_step_is_skipped_counted_and_changes_nothing(tmp_path, monkeypatch
     assert all(torch.isfinite(torch.tensor(r["loss"])) for i, r in enumerate(records) if i != 2)
     logged = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
     assert [r["skipped"] for r in logged] == [0, 0, 1, 0, 0]
-    before, after, later = (checkpoint.step_dir(str(tmp_path), s) for s in (2, 3, 4))
+    before, after, later = (storage.step_dir(str(tmp_path), s) for s in (2, 3, 4))
     for kind in ("model", "optimizer"):
         a, b = _tensors(before, kind), _tensors(after, kind)
         assert a.keys() == b.keys()
@@ -82,4 +83,4 @@ def test_too_many_skipped_steps_in_a_row_stop_the_run_by_name(tmp_path, monkeypa
     cfg.train.max_skipped_in_a_row = 2
     with pytest.raises(RuntimeError, match=r"2 steps in a row .*train.max_skipped_in_a_row=2"):
         pretrain(cfg, str(tmp_path))
-    assert checkpoint.find_resume_path(str(tmp_path), "auto") == checkpoint.step_dir(str(tmp_path), 3)
+    assert storage.find_resume_path(str(tmp_path), "auto") == storage.step_dir(str(tmp_path), 3)

@@ -9,7 +9,7 @@ from scimoe.config import ConfigError, compose_config
 from scimoe.data.loader import StepLoader
 from scimoe.data.sources import build_rows, data_source
 from scimoe.model import build_model
-from scimoe.train import checkpoint, shards
+from scimoe.checkpoint import contents, shards, storage
 from scimoe.train.pretrain import pretrain
 from scimoe.train.session import Session
 from scimoe.train.step import autocast, train_step
@@ -36,7 +36,7 @@ def checkpoint_tensors(path: str) -> dict[str, torch.Tensor]:
     """Every model and optimizer tensor of a checkpoint as the single-process tensor."""
     out = {}
     for kind in ("model", "optimizer"):
-        index = shards.ShardIndex(checkpoint.files(path, kind))
+        index = shards.ShardIndex(contents.files(path, kind))
         out.update({f"{kind}/{name}": index.full(name) for name in index.names()})
     return out
 
@@ -47,7 +47,7 @@ def resave(cfg, run_dir: str, source: str) -> str:
     with Session(cfg, run_dir) as session:
         state = session.resume()
         session.save(state["step"], state["loader"])
-    return checkpoint.step_dir(run_dir, state["step"])
+    return storage.step_dir(run_dir, state["step"])
 
 
 @needs_cpu_adam
@@ -134,7 +134,7 @@ def test_bf16_weights_are_not_copied_for_the_backward():
 
 def test_bf16_checkpoints_hold_the_fp32_masters_and_resume_into_fp32_exactly(tmp_path):
     pretrain(_cfg(steps=3, dtype="bf16"), str(tmp_path / "bf16"))
-    saved = checkpoint.step_dir(str(tmp_path / "bf16"), 3)
+    saved = storage.step_dir(str(tmp_path / "bf16"), 3)
     tensors = checkpoint_tensors(saved)
     assert all(t.dtype == torch.float32 for k, t in tensors.items() if not k.endswith("::step")), \
         sorted({str(t.dtype) for t in tensors.values()})
@@ -149,7 +149,7 @@ def test_an_fp32_checkpoint_resumes_into_bf16_or_offload_bit_for_bit(tmp_path, i
     """The other direction of the two tests around this one: fp32 weights become the fp32 masters, the moments
     move as they are."""
     pretrain(_cfg(steps=3), str(tmp_path / "fp32"))
-    saved = checkpoint.step_dir(str(tmp_path / "fp32"), 3)
+    saved = storage.step_dir(str(tmp_path / "fp32"), 3)
     tensors = checkpoint_tensors(saved)
     again = checkpoint_tensors(resave(_cfg(steps=3, **into), str(tmp_path / "into"), saved))
     assert again.keys() == tensors.keys() and any(k.endswith("::exp_avg_sq") for k in tensors)
@@ -159,7 +159,7 @@ def test_an_fp32_checkpoint_resumes_into_bf16_or_offload_bit_for_bit(tmp_path, i
 @needs_cpu_adam
 def test_offload_checkpoint_resumes_without_offload_exactly_where_it_left(tmp_path):
     pretrain(_cfg(steps=3, optimizer_offload="cpu"), str(tmp_path / "offload"))
-    saved = checkpoint.step_dir(str(tmp_path / "offload"), 3)
+    saved = storage.step_dir(str(tmp_path / "offload"), 3)
     again = checkpoint_tensors(resave(_cfg(steps=3), str(tmp_path / "plain"), saved))
     tensors = checkpoint_tensors(saved)
     assert again.keys() == tensors.keys() and any(k.endswith("::exp_avg_sq") for k in tensors)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from scimoe.config import Config, DataConfig, LoggerConfig, ModelConfig, MoEConfig, TrainConfig
-from scimoe.train import checkpoint
+from scimoe.checkpoint import contents, storage
 from scimoe.train.pretrain import pretrain
 from tests.conftest import tiny_config
 
@@ -42,7 +42,7 @@ def test_stopped_and_resumed_run_logs_identical_losses(tmp_path, router_mode):
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     pretrain(cfg(), whole)
     pretrain(cfg(exit_after_steps=3), parts)  # stops at step 3 with a checkpoint
-    assert [s for s, _ in checkpoint.complete_checkpoints(parts)] == [2, 3]
+    assert [s for s, _ in storage.complete_checkpoints(parts)] == [2, 3]
     assert len(_losses(parts)) == 3
     pretrain(cfg(), parts)  # resume=auto picks step 3
     assert _losses(parts) == _losses(whole)  # bit-identical floats
@@ -76,16 +76,16 @@ def test_keep_last_prunes_only_complete_older_checkpoints(tmp_path):
     c = tiny_config(steps=6)
     c.checkpoint.every, c.checkpoint.keep_last = 2, 2
     pretrain(c, str(tmp_path))
-    assert [s for s, _ in checkpoint.complete_checkpoints(str(tmp_path))] == [4, 6]
+    assert [s for s, _ in storage.complete_checkpoints(str(tmp_path))] == [4, 6]
 
 
 def test_half_written_checkpoint_is_never_resumed(tmp_path):
     run = str(tmp_path)
     pretrain(tiny_config(steps=2), run)
-    broken = checkpoint.step_dir(run, 4)
+    broken = storage.step_dir(run, 4)
     os.makedirs(broken)
     open(os.path.join(broken, "model.safetensors"), "wb").close()  # no COMPLETE marker
-    assert checkpoint.find_resume_path(run, "auto") == checkpoint.step_dir(run, 2)
+    assert storage.find_resume_path(run, "auto") == storage.step_dir(run, 2)
 
 
 def test_synthetic_source_and_bf16_train_as_fp32_does(tmp_path):
@@ -116,4 +116,4 @@ def test_time_budget_saves_and_stops_cleanly(tmp_path):
     c = tiny_config(steps=50, max_minutes=1e-9)  # spent after the first step
     records = pretrain(c, str(tmp_path)).records
     assert len(records) == 1
-    assert [s for s, _ in checkpoint.complete_checkpoints(str(tmp_path))] == [1]
+    assert [s for s, _ in storage.complete_checkpoints(str(tmp_path))] == [1]

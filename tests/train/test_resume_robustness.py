@@ -16,8 +16,8 @@ import sys
 
 import pytest
 
-from scimoe.train import checkpoint, checkpoint_dir
-from scimoe.train.checkpoint_dir import CheckpointError, CheckpointSaveError
+from scimoe.checkpoint import contents, storage
+from scimoe.checkpoint.storage import CheckpointError, CheckpointSaveError
 from scimoe.train.pretrain import pretrain
 from tests.conftest import tiny_config
 
@@ -77,25 +77,25 @@ def test_a_failed_metrics_write_loses_that_line_only(tmp_path, monkeypatch, capl
         pretrain(_cfg(4), run)
     assert "metrics of step 3 not written (" in caplog.text
     assert _steps(run) == [1, 2, 4]  # no half line left behind for step 4 to continue
-    assert [s for s, _ in checkpoint.complete_checkpoints(run)] == [2, 4]
-    assert checkpoint.find_resume_path(run, "auto") == checkpoint.step_dir(run, 4)
+    assert [s for s, _ in storage.complete_checkpoints(run)] == [2, 4]
+    assert storage.find_resume_path(run, "auto") == storage.step_dir(run, 4)
 
 
 def test_garbage_in_the_marker_falls_back_to_the_previous_checkpoint(run4, caplog):
-    with open(os.path.join(checkpoint.step_dir(run4, 4), "COMPLETE"), "w") as f:
+    with open(os.path.join(storage.step_dir(run4, 4), "COMPLETE"), "w") as f:
         f.write("\x00\x17garbage{")
     with caplog.at_level(logging.ERROR, logger="scimoe"):
-        assert checkpoint.find_resume_path(run4, "auto") == checkpoint.step_dir(run4, 2)
-    assert f"{checkpoint.step_dir(run4, 4)}: COMPLETE is not JSON" in caplog.text
+        assert storage.find_resume_path(run4, "auto") == storage.step_dir(run4, 2)
+    assert f"{storage.step_dir(run4, 4)}: COMPLETE is not JSON" in caplog.text
     with pytest.raises(CheckpointError, match="COMPLETE is not JSON"):
-        checkpoint.find_resume_path(run4, checkpoint.step_dir(run4, 4))
+        storage.find_resume_path(run4, storage.step_dir(run4, 4))
     pretrain(_cfg(5), run4)  # retrains steps 3-4 from step 2, and the broken step 4 is moved aside, not deleted
     assert _steps(run4) == [1, 2, 3, 4, 5]
-    assert checkpoint_dir.problem(checkpoint.step_dir(run4, 4)) is None
+    assert storage.problem(storage.step_dir(run4, 4)) is None
 
 
 def test_an_unreadable_newest_checkpoint_is_reported_kept_and_never_deleted(run4, monkeypatch, caplog):
-    newest = checkpoint.step_dir(run4, 4)
+    newest = storage.step_dir(run4, 4)
     real_listdir = os.listdir
 
     def listdir(path="."):
@@ -110,19 +110,19 @@ def test_an_unreadable_newest_checkpoint_is_reported_kept_and_never_deleted(run4
             pretrain(_cfg(6), run4)
     finally:
         monkeypatch.undo()
-        for folder in [newest] + [os.path.join(checkpoint.checkpoint_root(run4), n)
-                                  for n in os.listdir(checkpoint.checkpoint_root(run4)) if ".replaced-" in n]:
+        for folder in [newest] + [os.path.join(storage.checkpoint_root(run4), n)
+                                  for n in os.listdir(storage.checkpoint_root(run4)) if ".replaced-" in n]:
             os.chmod(folder, stat.S_IRWXU)
     assert f"{newest}: unreadable" in caplog.text
-    aside = [n for n in os.listdir(checkpoint.checkpoint_root(run4)) if n.startswith(".step_00000004.replaced-")]
+    aside = [n for n in os.listdir(storage.checkpoint_root(run4)) if n.startswith(".step_00000004.replaced-")]
     assert len(aside) == 1 and "moved aside" in caplog.text  # the unreadable folder survives, renamed
-    assert sorted(os.listdir(os.path.join(checkpoint.checkpoint_root(run4), aside[0]))) == \
-        sorted(os.listdir(checkpoint.step_dir(run4, 2)))
-    assert _steps(run4) == [1, 2, 3, 4, 5, 6] and checkpoint_dir.problem(newest) is None
+    assert sorted(os.listdir(os.path.join(storage.checkpoint_root(run4), aside[0]))) == \
+        sorted(os.listdir(storage.step_dir(run4, 2)))
+    assert _steps(run4) == [1, 2, 3, 4, 5, 6] and storage.problem(newest) is None
 
 
 def test_an_unlistable_checkpoints_folder_stops_the_run_before_anything_is_touched(run4, monkeypatch):
-    root = checkpoint.checkpoint_root(run4)
+    root = storage.checkpoint_root(run4)
     real_listdir = os.listdir
 
     def listdir(path="."):
@@ -132,9 +132,9 @@ def test_an_unlistable_checkpoints_folder_stops_the_run_before_anything_is_touch
 
     monkeypatch.setattr(os, "listdir", listdir)  # as root chmod 000 alone does not deny listing
     metrics_before = open(os.path.join(run4, "metrics.jsonl")).read()
-    with pytest.raises(checkpoint_dir.CheckpointFolderError, match=r"checkpoints cannot be listed \(\[Errno 13\]"):
+    with pytest.raises(storage.CheckpointFolderError, match=r"checkpoints cannot be listed \(\[Errno 13\]"):
         pretrain(_cfg(6), run4)
-    with pytest.raises(checkpoint_dir.CheckpointFolderError):
+    with pytest.raises(storage.CheckpointFolderError):
         pretrain(_cfg(6, on_save_error="continue"), run4)
     monkeypatch.undo()
     assert open(os.path.join(run4, "metrics.jsonl")).read() == metrics_before  # not truncated
@@ -143,18 +143,18 @@ def test_an_unlistable_checkpoints_folder_stops_the_run_before_anything_is_touch
 
 
 def test_an_unreadable_weight_file_is_reported_as_unreadable_not_as_a_mismatch(run4):
-    newest = checkpoint.step_dir(run4, 4)
+    newest = storage.step_dir(run4, 4)
     weights = os.path.join(newest, "model_rank00000.safetensors")
     os.remove(weights)
     os.mkdir(weights)  # open() fails with EISDIR, as an unreadable file fails with EACCES
-    assert checkpoint_dir.problem(newest) == f"{newest}: {weights} cannot be read ([Errno 21] Is a directory: '{weights}')"
+    assert storage.problem(newest) == f"{newest}: {weights} cannot be read ([Errno 21] Is a directory: '{weights}')"
     os.rmdir(weights)
-    assert checkpoint_dir.problem(newest) == f"{newest}: {weights} is missing"
+    assert storage.problem(newest) == f"{newest}: {weights} is missing"
 
 
 def test_when_every_checkpoint_is_corrupt_the_run_stops_listing_them(run4, tmp_path):
     for step in (2, 4):
-        with open(os.path.join(checkpoint.step_dir(run4, step), "model_rank00000.safetensors"), "r+b") as f:
+        with open(os.path.join(storage.step_dir(run4, step), "model_rank00000.safetensors"), "r+b") as f:
             f.seek(200)
             f.write(b"\xff\xfe")
     with pytest.raises(CheckpointError, match=r"no checkpoint of this run can be resumed:\n.*step_00000004.*\n.*step_00000002"):
@@ -171,38 +171,38 @@ def test_when_every_checkpoint_is_corrupt_the_run_stops_listing_them(run4, tmp_p
 
 @pytest.mark.parametrize("async_save", [False, True])
 def test_a_save_that_fails_on_a_full_disk_stops_the_run_naming_the_checkpoint(tmp_path, monkeypatch, async_save):
-    real = checkpoint_dir._fsync_write
+    real = storage._fsync_write
 
     def full_disk(path, data):
         if ".step_00000004.tmp" in path:
             raise OSError(errno.ENOSPC, "No space left on device", path)
         return real(path, data)
 
-    monkeypatch.setattr(checkpoint_dir, "_fsync_write", full_disk)
+    monkeypatch.setattr(storage, "_fsync_write", full_disk)
     run = str(tmp_path / "run")
     with pytest.raises(CheckpointSaveError, match=r"saving checkpoint .*step_00000004 failed.*No space left"):
         pretrain(_cfg(6, async_save=async_save), run)
-    assert checkpoint.find_resume_path(run, "auto") == checkpoint.step_dir(run, 2)  # the previous one stays
-    assert not os.path.exists(checkpoint.step_dir(run, 4)) and not (tmp_path / "run" / "FINISHED").exists()
+    assert storage.find_resume_path(run, "auto") == storage.step_dir(run, 2)  # the previous one stays
+    assert not os.path.exists(storage.step_dir(run, 4)) and not (tmp_path / "run" / "FINISHED").exists()
     monkeypatch.undo()
     pretrain(_cfg(6, async_save=async_save), run)  # space freed: the rerun continues from step 2
-    assert [s for s, _ in checkpoint.complete_checkpoints(run)] == [2, 4, 6]
+    assert [s for s, _ in storage.complete_checkpoints(run)] == [2, 4, 6]
 
 
 def test_on_save_error_continue_trains_on_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, caplog):
-    real = checkpoint_dir._fsync_write
-    monkeypatch.setattr(checkpoint_dir, "_fsync_write", lambda path, data: (_ for _ in ()).throw(
+    real = storage._fsync_write
+    monkeypatch.setattr(storage, "_fsync_write", lambda path, data: (_ for _ in ()).throw(
         OSError(errno.EIO, "Input/output error")) if ".step_00000002.tmp" in path else real(path, data))
     run = str(tmp_path / "run")
     with caplog.at_level(logging.ERROR, logger="scimoe"):
         records = pretrain(_cfg(4, on_save_error="continue", async_save=True), run).records
     assert len(records) == 4 and "on_save_error=continue: training goes on" in caplog.text
-    assert [s for s, _ in checkpoint.complete_checkpoints(run)] == [4]
-    assert not [n for n in os.listdir(checkpoint.checkpoint_root(run)) if n.endswith(".tmp")]
+    assert [s for s, _ in storage.complete_checkpoints(run)] == [4]
+    assert not [n for n in os.listdir(storage.checkpoint_root(run)) if n.endswith(".tmp")]
 
 
 def test_a_save_warns_early_when_the_disk_has_less_room_than_the_last_checkpoint(run4, monkeypatch, caplog):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with caplog.at_level(logging.WARNING, logger="scimoe"):
         pretrain(_cfg(6), run4)
-    assert f"checkpoint {checkpoint.step_dir(run4, 6)} needs about" in caplog.text and "may fail" in caplog.text
+    assert f"checkpoint {storage.step_dir(run4, 6)} needs about" in caplog.text and "may fail" in caplog.text

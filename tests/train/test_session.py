@@ -16,7 +16,7 @@ import torch
 
 from scimoe.config import compose_config
 from scimoe.rl.grpo import grpo
-from scimoe.train import checkpoint
+from scimoe.checkpoint import contents, storage
 from scimoe.train.pretrain import pretrain
 from tests.conftest import tiny_config
 
@@ -30,14 +30,14 @@ def _grpo(*overrides: str):
 def test_grpo_keeps_only_the_last_checkpoints_it_is_asked_to(tmp_path):
     records = grpo(_grpo("train.steps=4", "checkpoint.every=1", "checkpoint.keep_last=1"), str(tmp_path))
     assert len(records) == 4
-    assert [s for s, _ in checkpoint.complete_checkpoints(str(tmp_path))] == [4]
+    assert [s for s, _ in storage.complete_checkpoints(str(tmp_path))] == [4]
     assert (tmp_path / "FINISHED").read_text().strip() == "4"
 
 
 def test_grpo_stops_on_its_time_budget_with_a_checkpoint(tmp_path):
     records = grpo(_grpo("train.steps=50", "train.max_minutes=1e-9"), str(tmp_path))
     assert len(records) == 1
-    assert [s for s, _ in checkpoint.complete_checkpoints(str(tmp_path))] == [1]
+    assert [s for s, _ in storage.complete_checkpoints(str(tmp_path))] == [1]
     assert not (tmp_path / "FINISHED").exists()  # not finished: a requeued job continues it
 
 
@@ -84,7 +84,7 @@ def test_grpo_saves_and_exits_zero_on_sigusr1(tmp_path):
             job.kill()
     assert job.returncode == 0, output[-3000:]
     assert "stop requested (SIGUSR1)" in output
-    saved = checkpoint.complete_checkpoints(str(tmp_path / "run"))
+    saved = storage.complete_checkpoints(str(tmp_path / "run"))
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert saved and saved[-1][0] == logged[-1] < 5000
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scimoe.train import shards
+from scimoe.checkpoint import shards
 
 
 def _write(tmp_path, name: str, entries: dict) -> str:

@@ -44,7 +44,15 @@ class MoEAux:
 
 
 LAYER_STATS = ("router_entropy", "balance_loss", "z_loss", "bias_abs_max")
-"""Names of MoEAux.layer_stats' entries; the first and last are means, the middle two shares of a sum."""
+"""Names of MoEAux.layer_stats' entries."""
+LAYER_STAT_MEANS = ("router_entropy", "bias_abs_max")
+"""The entries that are means over ranks; the others are each rank's share of a sum."""
+
+
+def stats_over_ranks(summed: torch.Tensor, ranks: int) -> torch.Tensor:
+    """A layer's statistics from their sum over `ranks` ranks: the means divided by `ranks`, the sums as they are."""
+    scale = [1.0 / ranks if name in LAYER_STAT_MEANS else 1.0 for name in LAYER_STATS]
+    return summed * torch.tensor(scale, dtype=summed.dtype)
 
 
 class MoELayer(nn.Module):

@@ -2,7 +2,7 @@
 and `scimoe-import` load from.
 
 Tested by `python -m pytest tests/train/test_hf_export.py tests/distributed/test_hf_load.py`. `HFIndex` offers the
-same `read(name, placement, shape)` as a scimoe checkpoint's ShardIndex (scimoe/train/shards.py), so every rank
+same `read(name, placement, shape)` as a scimoe checkpoint's ShardIndex (scimoe/checkpoint/shards.py), so every rank
 of any layout reads only the slices it owns, through safetensors' `get_slice` (bf16 on disk, nothing else
 loaded): a rank's peak host memory is its own share plus one tensor's slice. Experts stored one per name are
 assembled into scimoe's fused [E, 2F, H] / [E, H, F] slices expert by expert. The folder is checked before
@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 
 from scimoe.config import ConfigError, ModelConfig
-from scimoe.convert import hf
-from scimoe.train.shards import Placement
+from scimoe.checkpoint import hf_layout
+from scimoe.checkpoint.shards import Placement
 
 _TRAINING_ONLY = ("mlp.router.selection_bias", "mlp.expert_output_ema")
 _COMPUTED = ("encoder_embed.pos_encoder.pe",)
@@ -39,7 +39,7 @@ def read_config(folder: str) -> ModelConfig:
             config = json.load(f)
         if not isinstance(config, dict):
             raise HFFolderError(f"{path}: not a usable config (a JSON {type(config).__name__}, not an object)")
-        return hf.model_config(config)
+        return hf_layout.model_config(config)
     except FileNotFoundError as err:
         raise HFFolderError(f"{path} is missing: not a Hugging Face model folder") from err
     except (ValueError, KeyError) as err:
@@ -104,12 +104,12 @@ class HFIndex:
         self.experts: set[str] = set()  # scimoe expert names assembled from per-expert tensors
         unknown = []
         for hf_name in self.files:
-            name = hf.from_hf_name(hf_name, self.prefix)
+            name = hf_layout.from_hf_name(hf_name, self.prefix)
             if name is None:
                 if not hf_name.endswith(_IGNORED):
                     unknown.append(hf_name)
                 continue
-            if m := hf.EXPERT.match(name):
+            if m := hf_layout.EXPERT.match(name):
                 fused = f"layers.{m.group(1)}.mlp.experts." + ("down_proj" if m.group(3) == "down_proj" else "gate_up_proj")
                 self.experts.add(fused)
             elif name in expected:

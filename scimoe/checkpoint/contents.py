@@ -1,9 +1,9 @@
 """Checkpoint contents: every rank's model and optimizer slices, the train state, and loading them back into
-any layout. The folder protocol (atomic save, markers, manifests, what to resume) is scimoe/train/checkpoint_dir.py.
+any layout. The folder protocol (atomic save, markers, manifests, what to resume) is scimoe/checkpoint/storage.py.
 
 Tested by `python -m pytest tests/train/test_checkpoint.py tests/distributed`. Each rank writes
 `model_rankR.safetensors` / `optimizer_rankR.safetensors` holding the slices it owns, tagged with their
-place in the single-process tensors (scimoe/train/shards.py), and `train_state_rankR.pt` (step, loader
+place in the single-process tensors (scimoe/checkpoint/shards.py), and `train_state_rankR.pt` (step, loader
 position, RNG); rank 0 adds `config.yaml`. So a checkpoint loads into any layout: tp, pp, ep, dp and ZeRO
 sharding may all change between save and resume.
 """
@@ -18,13 +18,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from scimoe.checkpoint import shards, storage
+from scimoe.checkpoint.async_save import AsyncSaver
+from scimoe.checkpoint.storage import CONVENTIONS, CheckpointError, read_marker
 from scimoe.parallel.dims import ParallelDims
-from scimoe.train import shards
-from scimoe.train.async_save import AsyncSaver
-from scimoe.train.checkpoint_dir import (CONVENTIONS, FORMAT_VERSION, MANIFEST, MARKER, CheckpointError,  # noqa: F401
-                                         CheckpointSaveError, checkpoint_root, complete_checkpoints, find_resume_path,
-                                         is_complete, prune, read_marker, size_bytes, step_dir, verify)
-from scimoe.train import checkpoint_dir
 
 log = logging.getLogger("scimoe")
 
@@ -109,7 +106,7 @@ def write(run_dir: str, step: int, model_entries: dict, optim_entries: dict | No
         {k: (n, copy(t), w) for k, (n, t, w) in optim_entries.items() if optim_writer[k] == rank}
     suffix = f"_rank{rank:05d}"
 
-    def files() -> dict[str, bytes]:
+    def encoded() -> dict[str, bytes]:
         out = {f"model{suffix}.safetensors": shards.encode(mine)}
         if mine_optim is not None:
             out[f"optimizer{suffix}.safetensors"] = shards.encode(mine_optim)
@@ -119,8 +116,7 @@ def write(run_dir: str, step: int, model_entries: dict, optim_entries: dict | No
             out["config.yaml"] = config_yaml.encode()
         return out
 
-    return checkpoint_dir.write(run_dir, step, files, dims, saver, {"weights_only": train_state is None},
-                                on_complete)
+    return storage.write(run_dir, step, encoded, dims, saver, {"weights_only": train_state is None}, on_complete)
 
 
 def files(path: str, kind: str) -> list[str]:
@@ -158,8 +154,8 @@ ARCHITECTURE = ("vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim
 def load_hf_weights(folder: str, model: torch.nn.Module, cfg, dims: ParallelDims = ParallelDims()) -> None:
     """`checkpoint.init_weights=hf:FOLDER`: this rank's slices of a Hugging Face folder, read lazily; the folder's
     architecture must be the run's (the first difference is named)."""
+    from scimoe.checkpoint.hf_index import HFIndex, read_config
     from scimoe.config import ConfigError
-    from scimoe.convert.hf_index import HFIndex, read_config
 
     theirs = read_config(folder)
     for key in ARCHITECTURE:

@@ -1,5 +1,5 @@
 """The checkpoint folder protocol: atomic saves, markers and manifests read defensively, choosing what to resume,
-pruning. What goes into the files is scimoe/train/checkpoint.py's business.
+pruning. What goes into the files is scimoe/checkpoint/contents.py's business.
 
 Tested by `python -m pytest tests/train/test_checkpoint.py tests/train/test_resume_robustness.py
 tests/distributed/test_kill.py`. A checkpoint is written into a hidden temporary folder, every file fsynced,
@@ -22,8 +22,9 @@ import shutil
 import time
 from typing import Callable
 
+from scimoe.errors import RunError
 from scimoe.parallel.dims import ParallelDims
-from scimoe.train.async_save import AsyncSaver, wait_for_parts
+from scimoe.checkpoint.async_save import AsyncSaver, wait_for_parts
 
 FORMAT_VERSION = 2
 CONVENTIONS = {"fope_clipped_sin": 1}
@@ -35,7 +36,7 @@ log = logging.getLogger("scimoe")
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RunError, ValueError):
     """No checkpoint can be resumed although some exist, or the one asked for is unusable."""
 
 
@@ -43,8 +44,10 @@ class CheckpointFolderError(CheckpointError):
     """The checkpoints folder exists but cannot be listed (permissions, I/O): nothing may be assumed about it,
     so the run stops before touching anything (`scimoe-train` exits 2)."""
 
+    exit_code = 2
 
-class CheckpointSaveError(RuntimeError):
+
+class CheckpointSaveError(RunError, RuntimeError):
     """Writing a checkpoint failed (the message names it); the previous complete one is untouched."""
 
 

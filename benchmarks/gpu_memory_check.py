@@ -48,7 +48,8 @@ def measure(cfg: Config) -> int:
 
         def step() -> None:
             batches = [to_device(mb, session.device) for mb in loader.next_step()]
-            train_step(model, opt, batches, cfg.train.grad_clip, cfg.train.dtype, session.dims, session.chunks)
+            train_step(model, opt, batches, cfg.train.grad_clip, cfg.train.dtype, session.dims, session.chunks,
+                       session.buckets)
         step()
         if session.device.type == "cuda":
             torch.cuda.synchronize()
@@ -61,7 +62,7 @@ def measure(cfg: Config) -> int:
         tracker = MemTracker()
         state = [t for o in opt.local_optimizers() for st in o.state.values() for t in st.values() if torch.is_tensor(t)]
         tracker.track_external(model, *state, *getattr(opt, "masters", {}).values(),
-                               *(b.buffer for b in (model.grad_buckets.buckets if model.grad_buckets else [])))
+                               *(b.buffer for b in (session.buckets.buckets if session.buckets else [])))
         with tracker:  # one step: MemTracker follows one iteration per module
             step()
         return sum(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())

@@ -80,7 +80,7 @@ def worker(spec: dict) -> None:
             batches = loader.next_step()
             start = time.perf_counter()
             train_step(session.model, session.optimizer, batches, cfg.train.grad_clip, cfg.train.dtype, dims,
-                       session.chunks)
+                       session.chunks, session.buckets)
             times.append(time.perf_counter() - start)
 
     session, loader_state = None, {}
@@ -104,10 +104,10 @@ def worker(spec: dict) -> None:
     recompute.checkpoint = keeping
     batches = loader_state["loader"].next_step()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        train_step(model, opt, batches[:1], cfg.train.grad_clip, cfg.train.dtype, dims, session.chunks)
+        train_step(model, opt, batches[:1], cfg.train.grad_clip, cfg.train.dtype, dims, session.chunks, session.buckets)
     recompute.checkpoint = plain
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-    buffers = [b.buffer for b in model.grad_buckets.buckets] if model.grad_buckets else \
+    buffers = [b.buffer for b in session.buckets.buckets] if session.buckets else \
         [g for g in map(param_grad, model.parameters()) if g is not None]
     state = nbytes(model.parameters()) + nbytes(buffers)
     if cfg.train.optimizer_offload == "none":

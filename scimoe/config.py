@@ -331,7 +331,7 @@ class DataConfig:
     """`text` (a plain-text corpus, one document per blank-line-separated paragraph), `synthetic`
     (sequences from a fixed random Markov chain: learnable, no files), `shards` (multimodal tar shards streamed
     from data.path, scimoe/data/stream.py), or an allow-listed dotted path to a function
-    `(cfg, run_dir) -> PackedRows` (see scimoe/registry.py)."""
+    `(cfg, run_dir) -> PackedRows` (see scimoe/registry.py); the table is scimoe/data/sources.py."""
     path: Optional[str] = None
     """Text corpus file; None = the corpus bundled with the package."""
     tokenizer: Optional[str] = None

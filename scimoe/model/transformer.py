@@ -108,9 +108,6 @@ class MoETransformer(nn.Module):
         self.context = LocalContext()
         """Which positions of each row this rank holds and how attention reaches the others' keys (context
         parallelism, scimoe/model/context.py; scimoe.parallel hands in the cp version)."""
-        self.grad_buckets = None
-        """Data-parallel gradient buckets (scimoe/parallel/grad_buckets.py) when a layout reduces gradients over
-        ranks; the step's loop tells them which backward pass is the last. None on one process."""
 
     def use_communication(self, text: TextCommunication, moe: Callable[[MoELayer], MoECommunication]) -> None:
         """Install a layout's communication: `text` for the residual stream and the loss (every layer),

@@ -18,7 +18,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from scimoe.model import MoETransformer
 from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.expert import expert_parameters
-from scimoe.parallel.grad_buckets import param_grad
+from scimoe.parallel.grad_buckets import GradBuckets, param_grad, private_group
 from scimoe.parallel.tensor import gather_tensor_parallel, is_tensor_parallel, partial_grad_parameters
 
 
@@ -61,15 +61,13 @@ def master_shards(model: MoETransformer, dims: ParallelDims, zero: int) -> list:
     return [(dense, shard(dims.dp, dims.groups.dp)), (experts, shard(dims.expert_dp, dims.groups.expert_dp))]
 
 
-def install_grad_buckets(model: MoETransformer, dims: ParallelDims, bucket_mb: float, overlap: bool,
-                         mixed: bool = False, dtype: torch.dtype = torch.float32) -> None:
-    """Give `model` its data-parallel gradient buckets (dense weights over dp, expert shards over expert-dp;
-    scimoe/parallel/grad_buckets.py), if its layout sums gradients over such ranks, or always under mixed
-    precision (`mixed`: `param.main_grad` in `dtype`, accumulated there on one process too). Every rank calls
-    this, in the same order (the buckets make their own communicators). Call once the parameters are on
-    their device."""
-    from scimoe.parallel.grad_buckets import GradBuckets, private_group
-
+def make_grad_buckets(model: MoETransformer, dims: ParallelDims, bucket_mb: float, overlap: bool,
+                      mixed: bool = False, dtype: torch.dtype = torch.float32):
+    """`model`'s data-parallel gradient buckets (dense weights over dp, expert shards over expert-dp;
+    scimoe/parallel/grad_buckets.py) if its layout sums gradients over such ranks, or always under mixed
+    precision (`mixed`: `param.main_grad` in `dtype`, accumulated there on one process too); else None. The
+    caller (the session) holds them and hands them to each step. Every rank calls this, in the same order (the
+    buckets make their own communicators). Call once the parameters are on their device."""
     dense, experts = split_dense_and_experts(model, dims)
     groups = []
     if not dims.is_single_process:
@@ -84,16 +82,15 @@ def install_grad_buckets(model: MoETransformer, dims: ParallelDims, bucket_mb: f
                 groups.append((params, None))
     elif mixed:
         groups = [(dense + experts, None)]
-    if groups:
-        model.grad_buckets = GradBuckets(groups, int(bucket_mb * 2**20), overlap, dtype, main_grad=mixed)
+    return GradBuckets(groups, int(bucket_mb * 2**20), overlap, dtype, main_grad=mixed) if groups else None
 
 
-def sync_grads(model: MoETransformer, dims: ParallelDims) -> None:
-    """Sum every gradient over the ranks that computed a part of it: the buckets' data-parallel sums first (started
-    during the backward), then the tensor- and pipeline-parallel ones."""
-    bucketed = model.grad_buckets is not None
+def sync_grads(model: MoETransformer, dims: ParallelDims, buckets=None) -> None:
+    """Sum every gradient over the ranks that computed a part of it: the `buckets`' data-parallel sums first
+    (started during the backward), then the tensor- and pipeline-parallel ones."""
+    bucketed = buckets is not None
     if bucketed:
-        model.grad_buckets.finish()
+        buckets.finish()
     if dims.is_single_process:
         return
     g = dims.groups
@@ -118,13 +115,13 @@ def sync_grads(model: MoETransformer, dims: ParallelDims) -> None:
                 dist.broadcast(param_grad(p), group=g.pp, group_src=0)
 
 
-def clip_grad_norm(model: MoETransformer, dims: ParallelDims, max_norm: float) -> float:
+def clip_grad_norm(model: MoETransformer, dims: ParallelDims, max_norm: float, buckets=None) -> float:
     """‖g‖ over the whole model, every element counted once, and the gradients scaled to `max_norm` (0: no
     clipping). Replicated grads are identical on all ranks after sync; tensor-parallel shards are summed over
     tp, expert shards over ep (they are replicated across expert-dp), stages over pp (the shared FoPE tables
     counted on stage 0 only)."""
     if dims.is_single_process:
-        if model.grad_buckets is None or not model.grad_buckets.main_grad:
+        if buckets is None or not buckets.main_grad:
             params = [p for p in model.parameters() if p.grad is not None]
             return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
         grads = [g for g in map(param_grad, model.parameters()) if g is not None]  # what clip_grad_norm_ does

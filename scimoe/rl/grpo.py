@@ -29,7 +29,7 @@ from scimoe.rl.scoring import completions, logprob_head, policy_head, rollout_ba
 from scimoe.rl.tasks import build_task
 from scimoe.rl.tools import build_tools, sample_with_tools
 from scimoe.train.session import Session
-from scimoe.train.step import forward_with_head
+from scimoe.train.step import HeadStepResult, forward_with_head, head_step
 
 log = logging.getLogger("scimoe")
 
@@ -56,6 +56,14 @@ class StepStats:
     """Groups left out of the update because a reward was not finite."""
     reward_errors: float = 0.0
     """Completions whose reward function raised (scored 0 for that part, see grpo.reward_errors)."""
+
+    def add_step(self, rewards: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, result) -> None:
+        """This rank's sums of the step's rewards, advantages, tokens and the update's statistics."""
+        n_tokens, extras = float(mask.sum()), result.extras
+        self.reward_sum, self.reward_sq_sum = float(rewards.sum()), float(rewards.pow(2).sum())
+        self.samples, self.tokens, self.entropy_sum = rewards.numel(), n_tokens, extras["entropy_sum"]
+        self.clipped_tokens, self.kl_sum = extras["clip_fraction"] * n_tokens, extras["kl"] * n_tokens
+        self.mismatch, self.advantage_abs_sum = result.routing_mismatch, float(advantages.abs().sum())
 
     def summed(self, dims: ParallelDims) -> "StepStats":
         values = torch.tensor(dataclasses.astuple(self), dtype=torch.float64)
@@ -99,6 +107,50 @@ def _score_rewards(reward, texts: list[list[str]], prompts, task, stats: StepSta
     return torch.tensor(rows, dtype=torch.float64)
 
 
+def _rollouts(session: Session, policy: Policy, prompts, g, task, tools, generator, everyone_done, stats) -> list:
+    """G completions of every prompt, sampled by the policy (with tool calls when the task has tools)."""
+    with session.autocast():
+        if tools is None:
+            return [sample(policy, ids, g.group_size, g.max_new_tokens, task.tokenizer.eos_id, g.temperature, g.top_k,
+                           g.top_p, generator, g.kv_cache, everyone_done) for ids, _ in prompts]
+        return [sample_with_tools(policy, ids, g, task.tokenizer, tools, generator, everyone_done, stats)
+                for ids, _ in prompts]
+
+
+def _old_and_reference_logprobs(session: Session, g, batch: dict, rollout_logp, reference, reference_chunks):
+    """(old policy's log-probs, the reference's or None, TIS weights or None) of the sampled tokens."""
+    dims, dtype = session.dims, session.cfg.train.dtype
+    with torch.no_grad():
+        def score(m, chunks):
+            return forward_with_head(m, chunks, batch, logprob_head(m.comm, g.temperature), dims, dtype,
+                                     backward=False)[0]["logp"].to(session.device)
+        old = rollout_logp if g.old_logprobs == "rollout" and not g.tis_cap else score(session.model, session.chunks)
+        weights = tis_weight(old, rollout_logp, g.tis_cap) if g.old_logprobs == "rollout" and g.tis_cap else None
+        ref = score(reference, reference_chunks) if reference is not None else None
+    return old, ref, weights
+
+
+def _record(step: int, total: "StepStats", result: HeadStepResult, g, dims: ParallelDims, session: Session,
+            seconds: tuple[float, float, float], with_tools: bool) -> dict:
+    """The step's metrics line from the statistics summed over ranks."""
+    n, tokens = total.samples, max(total.tokens, 1)
+    rollout_s, logprob_s, update_s = seconds
+    record = {
+        "step": step + 1, "loss": result.extras["loss"], "reward_mean": total.reward_sum / n,
+        "reward_std": max(total.reward_sq_sum / n - (total.reward_sum / n) ** 2, 0.0) ** 0.5,
+        "advantage_abs_mean": total.advantage_abs_sum / n, "clip_fraction": total.clipped_tokens / tokens,
+        "kl": total.kl_sum / tokens, "entropy": total.entropy_sum / tokens, "response_length": tokens / n,
+        "samples": int(n), "routing_mismatch": total.mismatch / dims.dp if g.router_replay else None,
+        "grad_norm": result.grad_norm, "lr": session.optimizer.lr, "tokens_per_s": tokens / sum(seconds),
+        "rollout_s": rollout_s, "logprob_s": logprob_s, "update_s": update_s, "skipped": int(result.skipped),
+        "skipped_groups": int(total.skipped_groups), "reward_errors": int(total.reward_errors),
+    }
+    if with_tools:
+        record["tool_calls_per_sample"] = total.tool_calls / n
+        record["well_formed_tool_calls"] = total.good_tool_calls / max(total.tool_calls, 1)
+    return record
+
+
 def grpo(cfg: Config, run_dir: str, dims: ParallelDims | None = None) -> list[dict]:
     """Train the policy to `cfg.train.steps`; returns the per-step metrics."""
     g = cfg.grpo
@@ -121,14 +173,7 @@ def grpo(cfg: Config, run_dir: str, dims: ParallelDims | None = None) -> list[di
             stats = StepStats()
             began = time.perf_counter()
             prompts = task.batch(step, g.prompts_per_step, cfg.train.seed, dims.groups.dp_rank, dims.dp)
-            with session.autocast():
-                if tools is None:
-                    rollouts = [sample(policy, ids, g.group_size, g.max_new_tokens, task.tokenizer.eos_id,
-                                       g.temperature, g.top_k, g.top_p, generator, g.kv_cache, everyone_done)
-                                for ids, _ in prompts]
-                else:
-                    rollouts = [sample_with_tools(policy, ids, g, task.tokenizer, tools, generator, everyone_done,
-                                                  stats) for ids, _ in prompts]
+            rollouts = _rollouts(session, policy, prompts, g, task, tools, generator, everyone_done, stats)
             rollout_s = time.perf_counter() - began
             texts = [[task.tokenizer.decode(r.tokens[i, r.prompt_len:].tolist()[:int(r.completion_length[i])])
                       for i in range(g.group_size)] for r in rollouts]
@@ -137,55 +182,23 @@ def grpo(cfg: Config, run_dir: str, dims: ParallelDims | None = None) -> list[di
             mask, rollout_logp = completions(rollouts)
             batch = rollout_batch(rollouts, g.router_replay, dims.tp if dims.sp else 1)
             began = time.perf_counter()
-            weights = None
-            with torch.no_grad():
-                def score(m, chunks):
-                    return forward_with_head(m, chunks, batch, logprob_head(m.comm, g.temperature), dims, dtype,
-                                             backward=False)[0]["logp"].to(session.device)
-                old = rollout_logp if g.old_logprobs == "rollout" and not g.tis_cap else score(model, session.chunks)
-                if g.old_logprobs == "rollout" and g.tis_cap:
-                    weights = tis_weight(old, rollout_logp, g.tis_cap)
-                ref = score(reference, reference_chunks) if reference is not None else None
+            old, ref, weights = _old_and_reference_logprobs(session, g, batch, rollout_logp, reference, reference_chunks)
             logprob_s = time.perf_counter() - began
             began = time.perf_counter()
-            model.train()
             local_tokens = mask.sum()
             token_mean = g.aggregation == "token_mean" and g.ratio_level == "token"
             share = local_tokens / dims.reduce_sum(local_tokens.clone()).clamp_min(1) if token_mean else 1 / dims.dp
             head = policy_head(model.comm, g.temperature, g, old, ref, advantages, mask, weights, share)
-            extras, auxes = forward_with_head(model, session.chunks, batch, head, dims, dtype, aux_scale=1 / dims.dp)
-            aux = dims.reduce_sum(torch.tensor(sum(float((a.balance_loss + a.z_loss).detach()) for a in auxes),
-                                               dtype=torch.float64), over="pp")
-            global_loss = float(dims.reduce_sum((float(extras["loss"]) * share + aux / dims.dp).double().reshape(1)))
-            grad_norm, skipped = session.update(global_loss)
+            result = head_step(model, session.optimizer, batch, head, share, cfg.train.grad_clip, dims, dtype,
+                               session.chunks, session.buckets)
             update_s = time.perf_counter() - began
-            mismatch = dims.reduce_sum(torch.tensor([sum(a.replay_mismatch or 0.0 for a in auxes), len(auxes)],
-                                                    dtype=torch.float64), over="pp")
-            n_tokens = float(mask.sum())
-            stats.reward_sum, stats.reward_sq_sum = float(rewards.sum()), float(rewards.pow(2).sum())
-            stats.samples, stats.tokens, stats.entropy_sum = rewards.numel(), n_tokens, extras["entropy_sum"]
-            stats.clipped_tokens, stats.kl_sum = extras["clip_fraction"] * n_tokens, extras["kl"] * n_tokens
-            stats.mismatch, stats.advantage_abs_sum = float(mismatch[0] / mismatch[1].clamp_min(1)), float(advantages.abs().sum())
-            total = stats.summed(dims)
-            n, tokens = total.samples, max(total.tokens, 1)
-            seconds = rollout_s + logprob_s + update_s
-            record = {
-                "step": step + 1, "loss": extras["loss"], "reward_mean": total.reward_sum / n,
-                "reward_std": max(total.reward_sq_sum / n - (total.reward_sum / n) ** 2, 0.0) ** 0.5,
-                "advantage_abs_mean": total.advantage_abs_sum / n, "clip_fraction": total.clipped_tokens / tokens,
-                "kl": total.kl_sum / tokens, "entropy": total.entropy_sum / tokens, "response_length": tokens / n,
-                "samples": int(n), "routing_mismatch": total.mismatch / dims.dp if g.router_replay else None,
-                "grad_norm": grad_norm, "lr": session.optimizer.lr, "tokens_per_s": tokens / seconds,
-                "rollout_s": rollout_s, "logprob_s": logprob_s, "update_s": update_s, "skipped": int(skipped),
-                "skipped_groups": int(total.skipped_groups), "reward_errors": int(total.reward_errors),
-            }
-            if tools is not None:
-                record["tool_calls_per_sample"] = total.tool_calls / n
-                record["well_formed_tool_calls"] = total.good_tool_calls / max(total.tool_calls, 1)
+            stats.add_step(rewards, advantages, mask, result)
+            record = _record(step, stats.summed(dims), result, g, dims, session, (rollout_s, logprob_s, update_s),
+                             tools is not None)
             records.append(record)
             summary = (f"reward {record['reward_mean']:.3f} ± {record['reward_std']:.3f} | clip "
                        f"{record['clip_fraction']:.3f} | kl {record['kl']:.4f} | len {record['response_length']:.1f}"
-                       f" | mismatch {record['routing_mismatch']} | {seconds:.1f}s")
+                       f" | mismatch {record['routing_mismatch']} | {sum((rollout_s, logprob_s, update_s)):.1f}s")
             if not session.end_step(record, {"step": step + 1}, summary):
                 break
     return records

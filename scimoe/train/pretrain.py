@@ -13,9 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from scimoe.config import Config
-from scimoe.data.loader import StepLoader
-from scimoe.data.sources import build_rows, data_source
-from scimoe.data.stream import StreamLoader
+from scimoe.data.sources import data_source, open_loader
 from scimoe.hardware import peak_tflops
 from scimoe.model.counting import training_flops_per_token
 from scimoe.parallel.dims import ParallelDims
@@ -51,15 +49,10 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
              gather_final_weights: bool = False) -> PretrainResult:
     """Train to `cfg.train.steps`, resuming if asked (see Session for `dims` and `initial_state`)."""
     records: list[dict] = []
-    # a data.source that does not exist is refused before any work; shards stream (scimoe/data/stream.py)
-    source = None if cfg.data.source == "shards" else data_source(cfg)
+    source = data_source(cfg)  # a data.source that does not exist is refused before any work
     with Session(cfg, run_dir, dims, initial_state) as session:
         dims, model = session.dims, session.model
-        if source is None:
-            loader = StreamLoader(cfg, run_dir, dims.groups.data_rank, dims.data_parallel, dims.all_gather_object)
-        else:
-            loader = StepLoader(build_rows(cfg, run_dir, source), cfg.train.global_batch, cfg.train.micro_batch,
-                                cfg.train.seed, dims.groups.data_rank, dims.data_parallel)
+        loader = open_loader(cfg, run_dir, dims, source)
         state = session.resume()
         if state is not None:
             loader.load_state_dict(state["loader"])
@@ -71,7 +64,7 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
                 batches = [to_device(mb, session.device) for mb in loader.next_step()]
                 data_time = time.perf_counter() - began
                 result = train_step(model, session.optimizer, batches, cfg.train.grad_clip, cfg.train.dtype, dims,
-                                    session.chunks)
+                                    session.chunks, session.buckets)
                 elapsed = time.perf_counter() - began
                 record = {
                     "step": step + 1, "loss": result.loss, "lm_loss": result.lm_loss,
@@ -88,8 +81,7 @@ def pretrain(cfg: Config, run_dir: str, dims: ParallelDims | None = None, initia
                 if not session.end_step(record, loader.state_dict, summary):
                     break
         finally:
-            if isinstance(loader, StreamLoader):
-                loader.close()
+            loader.close()
     final = full_state_dict(model, dims) if gather_final_weights else None
     state_numel = sum(t.numel() for _, st in session.optimizer.parameter_states() for t in st.values() if t.dim() > 0)
     return PretrainResult(records=records, final_weights=final, optimizer_state_numel=state_numel)

@@ -8,7 +8,7 @@ Used as `with Session(cfg, run_dir) as s:` by scimoe/train/pretrain.py and scimo
     with Session(cfg, run_dir) as session:
         state = session.resume()                 # None, or the train state of the checkpoint resumed
         for step in session.steps():             # the learning rate is set; stops on signals / time
-            ...                                  # forward, backward, session.update(...)
+            ...                                  # train_step / head_step(..., session.buckets)
             if not session.end_step(record, data_state, summary):
                 break                            # a checkpoint was saved because the run must stop
 """
@@ -27,7 +27,7 @@ from scimoe.run_dir import clear_finished, mark_finished
 from scimoe.model import MoETransformer, build_model
 from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.parallelize import parallelize
-from scimoe.parallel.runtime import install_grad_buckets, master_shards, optimizer_shards
+from scimoe.parallel.runtime import make_grad_buckets, master_shards, optimizer_shards
 from scimoe.parallel.state import gather_coordinates, rank_grid
 from scimoe.checkpoint import contents, storage
 from scimoe.checkpoint.async_save import AsyncSaver
@@ -36,7 +36,7 @@ from scimoe.train.metrics import make_logger
 from scimoe.train.master import MasterOptimizer, cast_to_bf16
 from scimoe.train.optim import build_optimizer, lr_at
 from scimoe.train.signals import StopRequest
-from scimoe.train.step import apply_update, autocast
+from scimoe.train.step import autocast
 
 log = logging.getLogger("scimoe")
 
@@ -124,11 +124,13 @@ class Session:
         self.skipped_in_a_row = 0
 
     def _optimizer(self):
-        """The gradient buckets and the optimizer: torch's AdamW (ZeRO-1 sharded) on fp32 weights, or fp32 masters
-        of bf16 / offloaded weights (scimoe/train/master.py), taken before the weights are cast."""
+        """The gradient buckets (held here, handed to every step) and the optimizer: torch's AdamW (ZeRO-1 sharded)
+        on fp32 weights, or fp32 masters of bf16 / offloaded weights (scimoe/train/master.py), taken before the
+        weights are cast."""
         cfg, model, dims = self.cfg, self.model, self.dims
-        install_grad_buckets(model, dims, cfg.parallel.grad_bucket_mb, cfg.parallel.overlap_grad_reduce, cfg.train.mixed,
-                             torch.bfloat16 if cfg.parallel.grad_reduce_dtype == "bf16" else torch.float32)
+        self.buckets = make_grad_buckets(model, dims, cfg.parallel.grad_bucket_mb, cfg.parallel.overlap_grad_reduce,
+                                         cfg.train.mixed,
+                                         torch.bfloat16 if cfg.parallel.grad_reduce_dtype == "bf16" else torch.float32)
         if not cfg.train.mixed:
             return build_optimizer(model, cfg.train, optimizer_shards(model, dims, cfg.parallel.zero))
         optimizer = MasterOptimizer(model, cfg.train, master_shards(model, dims, cfg.parallel.zero),
@@ -224,10 +226,6 @@ class Session:
 
     def autocast(self):
         return autocast(self.cfg.train.dtype)
-
-    def update(self, loss: float) -> tuple[float, bool]:
-        """Sync, clip and step after the backward unless `loss` or the grad norm is not finite (see apply_update)."""
-        return apply_update(self.model, self.optimizer, self.dims, self.cfg.train.grad_clip, loss)
 
     def end_step(self, record: dict, data_state: dict | Callable[[], dict], summary: str) -> bool:
         """Log the step, enforce the skipped-steps guard, save when due; False when the run must stop now

@@ -73,7 +73,7 @@ def _sum_token_shares(dims: ParallelDims, totals, counts, stats):
 
 
 def forward_backward(model: MoETransformer, chunks: list[PipelineChunk], microbatches: list[dict],
-                     label_tokens: int, dims: ParallelDims = _SINGLE, dtype: str = "fp32"):
+                     label_tokens: int, dims: ParallelDims = _SINGLE, dtype: str = "fp32", buckets=None):
     """Forward and backward every micro-batch. Returns this rank's shares of (LM loss sum, balance, z) as
     float64 [3], and per MoE layer (in model order) the expert counts and MoEAux.layer_stats averaged over
     micro-batches."""
@@ -87,7 +87,6 @@ def forward_backward(model: MoETransformer, chunks: list[PipelineChunk], microba
     if not chunks:
         counts: list[torch.Tensor] = []
         stats: list[torch.Tensor] = []
-        buckets = model.grad_buckets
         for i, mb in enumerate(microbatches):
             with autocast(dtype):
                 out = model(mb["input_ids"], mb["positions"], mb["labels"], images=mb.get("images"),
@@ -101,7 +100,7 @@ def forward_backward(model: MoETransformer, chunks: list[PipelineChunk], microba
         return _sum_token_shares(dims, totals, counts, stats)
     with autocast(dtype):
         pipeline_forward_backward(chunks, microbatches, label_tokens, dims.pp,
-                                  no_sync=model.grad_buckets.no_sync if model.grad_buckets is not None else None)
+                                  no_sync=buckets.no_sync if buckets is not None else None)
     per_chunk = []  # (virtual stage, counts, layer stats) of this rank's chunks
     for chunk in chunks:
         counts, stats = [], []
@@ -122,7 +121,8 @@ def forward_backward(model: MoETransformer, chunks: list[PipelineChunk], microba
 
 
 def forward_with_head(model: MoETransformer, chunks: list[PipelineChunk], batch: dict, head, dims: ParallelDims = _SINGLE,
-                      dtype: str = "fp32", aux_scale: float = 1.0, backward: bool = True) -> tuple[dict, list[MoEAux]]:
+                      dtype: str = "fp32", aux_scale: float = 1.0, backward: bool = True,
+                      buckets=None) -> tuple[dict, list[MoEAux]]:
     """One forward (and backward) of `batch` whose loss is `head(logits, batch) -> (loss, extras)`, computed
     from the last stage's (vocabulary-sharded) logits; each MoE layer's balance and z terms enter times
     `aux_scale`. Returns the head's extras on every rank and this rank's MoE layers' aux outputs. The loop
@@ -132,46 +132,80 @@ def forward_with_head(model: MoETransformer, chunks: list[PipelineChunk], batch:
             out = model(batch["input_ids"], batch["positions"], replay=batch.get("replay"))
         loss, extras = head(out.logits, batch)
         if backward:  # the step's only backward: gradient buckets start as they fill
-            with model.grad_buckets.syncing() if model.grad_buckets is not None else contextlib.nullcontext():
+            with buckets.syncing() if buckets is not None else contextlib.nullcontext():
                 (loss + (out.balance_loss + out.z_loss) * aux_scale).backward()
         return extras, out.moe
     with autocast(dtype):
         store = pipeline_forward_backward(chunks, [batch], 1, dims.pp, head=head, aux_grad_scale=aux_scale,
                                           forward_only=not backward,
-                                          no_sync=model.grad_buckets.no_sync if backward and model.grad_buckets else None)
+                                          no_sync=buckets.no_sync if backward and buckets is not None else None)
     last = (dims.pp * dims.pp_virtual - 1) % dims.pp
     extras = dims.all_gather_object(store[0] if store else None, over="pp")[last]
     return extras, [a for chunk in chunks for auxes in chunk.auxes for a in auxes]
 
 
-def apply_update(model: MoETransformer, optimizer, dims: ParallelDims, grad_clip: float, loss: float) -> tuple[float, bool]:
+@dataclass
+class HeadStepResult:
+    """One optimizer step of a loss computed by a head on the logits (GRPO's policy loss)."""
+
+    extras: dict
+    """The head's extras (its loss and statistics; the same on every rank)."""
+    loss: float
+    """The global loss: every data-parallel rank's head loss times its share, plus the balance and z terms."""
+    grad_norm: float
+    skipped: bool
+    routing_mismatch: float
+    """Router-replay mismatch averaged over this replica's MoE layers (0 without replay)."""
+
+
+def head_step(model: MoETransformer, optimizer, batch: dict, head, share: torch.Tensor | float, grad_clip: float,
+              dims: ParallelDims = _SINGLE, dtype: str = "fp32", chunks: list[PipelineChunk] | None = None,
+              buckets=None) -> HeadStepResult:
+    """Forward and backward `batch` under `head` (whose loss is this rank's part, `share` of the global one), then
+    sync, clip and step as train_step does: the update of a recipe whose loss is not the LM loss."""
+    model.train()
+    extras, auxes = forward_with_head(model, chunks or [], batch, head, dims, dtype, aux_scale=1 / dims.dp,
+                                      buckets=buckets)
+    aux = dims.reduce_sum(torch.tensor(sum(float((a.balance_loss + a.z_loss).detach()) for a in auxes),
+                                       dtype=torch.float64), over="pp")
+    loss = float(dims.reduce_sum((float(extras["loss"]) * share + aux / dims.dp).double().reshape(1)))
+    grad_norm, skipped = apply_update(model, optimizer, dims, grad_clip, loss, buckets)
+    mismatch = dims.reduce_sum(torch.tensor([sum(a.replay_mismatch or 0.0 for a in auxes), len(auxes)],
+                                            dtype=torch.float64), over="pp")
+    return HeadStepResult(extras, loss, grad_norm, skipped, float(mismatch[0] / mismatch[1].clamp_min(1)))
+
+
+def apply_update(model: MoETransformer, optimizer, dims: ParallelDims, grad_clip: float, loss: float,
+                 buckets=None) -> tuple[float, bool]:
     """After the backward: sync and clip gradients, then the loss guard: step (and commit the MoE layers'
     per-step state) unless `loss` (already the same on every rank) or the global grad norm is not finite.
     Returns (grad norm, skipped)."""
-    sync_grads(model, dims)
-    grad_norm = clip_grad_norm(model, dims, grad_clip)
+    sync_grads(model, dims, buckets)
+    grad_norm = clip_grad_norm(model, dims, grad_clip, buckets)
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
     if not skipped:
         optimizer.step()
     for moe in model.moe_layers():
         moe.discard_step() if skipped else moe.commit_step()
     optimizer.zero_grad()
-    if model.grad_buckets is not None:
-        model.grad_buckets.zero()
+    if buckets is not None:
+        buckets.zero()
     return grad_norm, skipped
 
 
 def train_step(model: MoETransformer, optimizer, microbatches: list[dict[str, torch.Tensor]], grad_clip: float,
-               dtype: str = "fp32", dims: ParallelDims = _SINGLE, chunks: list[PipelineChunk] | None = None) -> StepResult:
-    """Forward/backward every micro-batch, sync and clip gradients, and step unless non-finite."""
+               dtype: str = "fp32", dims: ParallelDims = _SINGLE, chunks: list[PipelineChunk] | None = None,
+               buckets=None) -> StepResult:
+    """Forward/backward every micro-batch, sync and clip gradients, and step unless non-finite (`buckets`: the
+    session's data-parallel gradient buckets, scimoe/parallel/grad_buckets.py)."""
     model.train()
     local_labels = sum(int((dims.context_share(mb["labels"]) != -100).sum()) for mb in microbatches)
     label_tokens = int(dims.reduce_sum(torch.tensor(local_labels)))
-    totals, counts, stats = forward_backward(model, chunks or [], microbatches, label_tokens, dims, dtype)
+    totals, counts, stats = forward_backward(model, chunks or [], microbatches, label_tokens, dims, dtype, buckets)
     lm_sum, balance, z = dims.reduce_sum(totals).tolist()
     lm_loss = lm_sum / max(label_tokens, 1)
     total = lm_loss + balance + z
-    grad_norm, skipped = apply_update(model, optimizer, dims, grad_clip, total)
+    grad_norm, skipped = apply_update(model, optimizer, dims, grad_clip, total, buckets)
     counts = [dims.reduce_sum(c) for c in counts]
     stats = [stats_over_ranks(dims.reduce_sum(s), dims.dp) for s in stats]  # over dp (× cp) ranks
     tokens = int(dims.reduce_sum(torch.tensor(sum(dims.context_share(mb["input_ids"]).numel() for mb in microbatches))))

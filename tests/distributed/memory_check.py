@@ -14,7 +14,7 @@ from scimoe.model import build_model
 from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.parallelize import parallelize
 from scimoe.parallel.grad_buckets import param_grad
-from scimoe.parallel.runtime import install_grad_buckets, master_shards, optimizer_shards, sync_grads
+from scimoe.parallel.runtime import make_grad_buckets, master_shards, optimizer_shards, sync_grads
 from scimoe.plan.memory import plan_memory
 from scimoe.train.optim import build_optimizer
 from scimoe.train.master import MasterOptimizer, cast_to_bf16
@@ -32,8 +32,8 @@ def measure(cfg: Config, dims: ParallelDims, run_dir: str) -> dict:
     model.set_recompute(cfg.train.recompute, cfg.train.recompute_layers)
     chunks = parallelize(model, dims)
     # as Session builds it: gradient buckets; under mixed precision masters from the fp32 init, then the cast
-    install_grad_buckets(model, dims, cfg.parallel.grad_bucket_mb, False, cfg.train.mixed,
-                         torch.bfloat16 if cfg.parallel.grad_reduce_dtype == "bf16" else torch.float32)
+    buckets = make_grad_buckets(model, dims, cfg.parallel.grad_bucket_mb, False, cfg.train.mixed,
+                                torch.bfloat16 if cfg.parallel.grad_reduce_dtype == "bf16" else torch.float32)
     if cfg.train.mixed:
         optimizer = MasterOptimizer(model, cfg.train, master_shards(model, dims, cfg.parallel.zero),
                                     offload=cfg.train.optimizer_offload == "cpu")
@@ -69,10 +69,10 @@ def measure(cfg: Config, dims: ParallelDims, run_dir: str) -> dict:
     recompute.checkpoint = checkpoint_keeping
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            forward_backward(model, chunks, batches, labels, dims, cfg.train.dtype)
+            forward_backward(model, chunks, batches, labels, dims, cfg.train.dtype, buckets)
     finally:
         recompute.checkpoint = plain_checkpoint
-    sync_grads(model, dims)
+    sync_grads(model, dims, buckets)
     grads = _tensor_bytes(g for g in map(param_grad, model.parameters()) if g is not None)
     step_grads = []
     if cfg.train.optimizer_offload == "cpu":  # the gradients copied to the host for DeepSpeed's step
@@ -86,17 +86,17 @@ def measure(cfg: Config, dims: ParallelDims, run_dir: str) -> dict:
     if cfg.train.optimizer_offload == "cpu":  # what lives in host memory, with the gradient copies the step makes
         host, adam = adam + _tensor_bytes(step_grads), 0
     optimizer.zero_grad()
-    if model.grad_buckets is not None:
-        model.grad_buckets.zero()
+    if buckets is not None:
+        buckets.zero()
     # The peak of a whole step (forward, backward, reductions, optimizer): torch's MemTracker follows every tensor
     # storage from here on; what exists already (weights, buckets, optimizer state) is registered with it.
     tracker = MemTracker()
     state = [t for o in optimizer.local_optimizers() for st in o.state.values() for t in st.values() if torch.is_tensor(t)]
     tracker.track_external(model, *state, *getattr(optimizer, "masters", {}).values(),
-                           *(b.buffer for b in (model.grad_buckets.buckets if model.grad_buckets else [])))
+                           *(b.buffer for b in (buckets.buckets if buckets else [])))
     with tracker:
-        forward_backward(model, chunks, loader.next_step(), labels, dims, cfg.train.dtype)
-        sync_grads(model, dims)
+        forward_backward(model, chunks, loader.next_step(), labels, dims, cfg.train.dtype, buckets)
+        sync_grads(model, dims, buckets)
         optimizer.step()
     peak = sum(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
     stage = plan_memory(cfg, dims.world_size).stages[dims.groups.pp_rank]

@@ -89,16 +89,17 @@ def test_bf16_gradients_accumulate_in_the_bucket_dtype(tmp_path, reduce_dtype):
     seen = {}
     with Session(cfg, str(tmp_path)) as session:
         model = session.model
-        finish = model.grad_buckets.finish
+        finish = session.buckets.finish
 
         def record():
             finish()
             seen.update({n: p.main_grad.dtype for n, p in model.named_parameters() if p.main_grad is not None})
-        model.grad_buckets.finish = record
+        session.buckets.finish = record
         loader = StepLoader(build_rows(cfg, str(tmp_path), data_source(cfg)), cfg.train.global_batch,
                             cfg.train.micro_batch, cfg.train.seed, 0, 1)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        train_step(model, session.optimizer, loader.next_step(), cfg.train.grad_clip, cfg.train.dtype)
+        train_step(model, session.optimizer, loader.next_step(), cfg.train.grad_clip, cfg.train.dtype,
+                   buckets=session.buckets)
         assert all(p.grad is None for p in model.parameters())  # the buffer is the gradient memory
         assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
     want = torch.float32 if reduce_dtype == "fp32" else torch.bfloat16

@@ -250,9 +250,22 @@ class TrainConfig:
     lr: float = 1e-2
     """Peak learning rate."""
     min_lr: float = 1e-3
-    """Learning rate at the end of the cosine decay."""
+    """Learning rate at the end of the decay (and after it)."""
     warmup_steps: int = 5
     """Linear warm-up steps from 0 to `lr`."""
+    schedule: str = "cosine"
+    """After the warm-up: `cosine` or `linear` decay to min_lr over the schedule, `constant` at lr, or `wsd`
+    (warm-up, stable at lr, then decay to min_lr over the last train.decay_fraction of the schedule)."""
+    decay_steps: int = 0
+    """The schedule's length in steps (0: train.steps of the run that started it). A resumed run keeps the length
+    its checkpoint was trained with unless this is set, so continuing to more steps does not stretch the decay."""
+    decay_fraction: float = 0.2
+    """schedule=wsd: the share of the schedule spent decaying."""
+    decay_shape: str = "linear"
+    """schedule=wsd: the decay's shape, `linear`, `cosine` or `sqrt` (1 − √progress)."""
+    lr_restart_from: str = ""
+    """A checkpoint whose weights and optimizer state start a new run at step 0 with a new schedule (a finished
+    run continued with, e.g., a WSD decay); ignored once this run has checkpoints of its own."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay on matrices (norms, biases and FoPE matrices get none)."""
     beta1: float = 0.9
@@ -301,6 +314,12 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr", "must be positive")
         _require(0 <= self.min_lr <= self.lr, "train.min_lr", "must be in [0, train.lr]")
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _require(self.schedule in ("cosine", "linear", "constant", "wsd"), "train.schedule",
+                 f"must be cosine, linear, constant or wsd, got '{self.schedule}'")
+        _require(self.decay_steps >= 0, "train.decay_steps", "must be >= 0 (0: train.steps)")
+        _require(0 < self.decay_fraction <= 1, "train.decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+        _require(self.decay_shape in ("linear", "cosine", "sqrt"), "train.decay_shape",
+                 f"must be linear, cosine or sqrt, got '{self.decay_shape}'")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _require(self.exit_after_steps >= 0, "train.exit_after_steps", "must be >= 0")
         _require(self.max_minutes >= 0, "train.max_minutes", "must be >= 0")

@@ -54,7 +54,7 @@ class StepLoader:
             raise ValueError(f"data loader state was saved for {state['rows']} rows / seed {state['seed']}, "
                              f"but this run has {len(self.rows)} rows / seed {self.seed}: the data changed")
         self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._perm = self._permutation(self.epoch)
 
     def close(self) -> None:
         """Nothing to release: the rows are in memory."""
-        self._perm = self._permutation(self.epoch)

@@ -1,7 +1,8 @@
 """AdamW with decoupled decay on matrices only, optionally ZeRO-1 sharded, and the LR schedule.
 
 Tested by `python -m pytest tests/train/test_optim.py tests/distributed`. The learning rate is a pure
-function of the step (`lr_at`), set before every update, so resuming needs no scheduler state.
+function of the step and the schedule's length (`lr_at`), set before every update; the length is kept in each
+checkpoint (scimoe/train/session.py), so resuming needs no other scheduler state.
 ZeRO-1 uses torch's ZeroRedundancyOptimizer: dense weights' AdamW state is sharded over the dp group
 and expert weights' over the expert-dp group (docs/design.md says why not megatron's or DeepSpeed's).
 """
@@ -25,12 +26,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine to min_lr."""
+def lr_at(step: int, cfg: TrainConfig, length: int | None = None) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then `train.schedule` over a schedule of
+    `length` steps (default train.decay_steps, else train.steps); min_lr after its end (lr for `constant`)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    total = length or cfg.decay_steps or cfg.steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        decay = max(1, round(cfg.decay_fraction * total))
+        progress = min(max(step - (total - decay) + 1, 0) / decay, 1.0)  # the schedule's last step: min_lr
+        remaining = {"linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
+                     "sqrt": 1 - math.sqrt(progress)}[cfg.decay_shape]
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * remaining
+    progress = min((step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1), 1.0)
+    if cfg.schedule == "linear":
+        return cfg.lr - (cfg.lr - cfg.min_lr) * progress
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 

@@ -122,6 +122,8 @@ class Session:
         self.logger = None
         self.start = self.reached = 0
         self.skipped_in_a_row = 0
+        self.schedule_steps = cfg.train.decay_steps or cfg.train.steps
+        """The learning-rate schedule's length: fixed when the run starts, kept across resumes (see _schedule)."""
 
     def _optimizer(self):
         """The gradient buckets (held here, handed to every step) and the optimizer: torch's AdamW (ZeRO-1 sharded)
@@ -186,6 +188,12 @@ class Session:
             state = contents.load(path, self.model, self.optimizer, self.dims)
             self.start = self.reached = state["step"]
             log.info("resumed from %s (step %d)", path, self.start)
+            self._schedule(state)
+        elif cfg.train.lr_restart_from:
+            source = storage.find_resume_path(self.run_dir, cfg.train.lr_restart_from, "train.lr_restart_from")
+            contents.load(source, self.model, self.optimizer, self.dims)
+            log.info("train.lr_restart_from: weights and optimizer state of %s, a new %s schedule of %d steps from "
+                     "step 0", source, cfg.train.schedule, self.schedule_steps)
         elif cfg.checkpoint.init_weights:
             self._load_init_weights(self.model)
             log.info("initial weights from %s", cfg.checkpoint.init_weights)
@@ -195,6 +203,24 @@ class Session:
         if self.dims.rank == 0 and self.start < cfg.train.steps:
             clear_finished(self.run_dir)
         return state
+
+    def _schedule(self, state: dict) -> None:
+        """Keep the schedule the resumed checkpoint was trained with, unless train.decay_steps names another length;
+        either way say what changed."""
+        saved = state.get("schedule")
+        if saved is None:  # written before schedules were saved: the configuration's, as then
+            return
+        train, say = self.cfg.train, (log.warning if self.dims.rank == 0 else log.debug)
+        if train.decay_steps and train.decay_steps != saved["steps"]:
+            say("train.decay_steps=%d: the learning-rate schedule changes from %d to %d steps at step %d",
+                        train.decay_steps, saved["steps"], train.decay_steps, self.start)
+        elif saved["steps"] != self.schedule_steps:
+            self.schedule_steps = saved["steps"]
+            say("train.steps=%d, but the learning-rate schedule this run was trained with is %d steps long: it "
+                        "keeps that length (min_lr after it); pass train.decay_steps=N for another", train.steps,
+                        saved["steps"])
+        if saved.get("name", train.schedule) != train.schedule:
+            say("train.schedule changes from %s to %s at step %d", saved["name"], train.schedule, self.start)
 
     @property
     def balance_scope(self) -> int:
@@ -221,7 +247,7 @@ class Session:
                      self.stop.reason or "another rank")
             return
         for step in range(self.start, self.cfg.train.steps):
-            self.optimizer.set_lr(lr_at(step, self.cfg.train))
+            self.optimizer.set_lr(lr_at(step, self.cfg.train, self.schedule_steps))
             yield step
 
     def autocast(self):
@@ -267,7 +293,8 @@ class Session:
             contents.save(self.run_dir, step, self.model, self.optimizer, data_state,
                             OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), self.dims, self.saver,
                             on_complete if self.dims.rank == 0 else None,
-                            extra_state={"balance_scope": self.balance_scope})
+                            extra_state={"balance_scope": self.balance_scope,
+                                         "schedule": {"name": self.cfg.train.schedule, "steps": self.schedule_steps}})
         except CheckpointSaveError as err:
             self._save_failed(err)
 

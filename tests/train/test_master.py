@@ -159,7 +159,7 @@ def test_an_fp32_checkpoint_resumes_into_bf16_or_offload_bit_for_bit(tmp_path, i
 
 @needs_cpu_adam
 def test_offload_checkpoint_resumes_without_offload_exactly_where_it_left(tmp_path):
-    pretrain(_cfg(steps=3, optimizer_offload="cpu"), str(tmp_path / "offload"))
+    pretrain(_cfg(steps=3, optimizer_offload="cpu", decay_steps=6), str(tmp_path / "offload"))  # half of 6 steps
     saved = storage.step_dir(str(tmp_path / "offload"), 3)
     again = checkpoint_tensors(resave(_cfg(steps=3), str(tmp_path / "plain"), saved))
     tensors = checkpoint_tensors(saved)

@@ -1,5 +1,6 @@
-"""`scimoe-preprocess`: tokenize text into Megatron `.bin/.idx` files (or packed shards), with a progress
-bar and a summary of what was skipped.
+"""`scimoe-preprocess`: tokenize text into Megatron `.bin/.idx` files or packed shards.
+
+With a progress bar and a summary of what was skipped.
 
 Run: `scimoe-preprocess corpus.jsonl more.parquet notes.txt --out data/corpus [--tokenizer tok.json |
 --vocab-size 4096] [--text-key text] [--pack 4096]`. Inputs: .jsonl records

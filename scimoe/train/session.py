@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import time
 from typing import Callable, Iterator
 
 import torch
@@ -79,6 +80,14 @@ def materialize(model: MoETransformer, device: torch.device) -> MoETransformer:
         vars(tensor).update(attributes.get(name, {}))
     model.reset_computed_buffers()
     return model
+
+
+def _duration(seconds: float) -> str:
+    """`1h02m`, `3m05s` or `42s`."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 class Session:
@@ -242,11 +251,18 @@ class Session:
     def steps(self) -> Iterator[int]:
         """Optimizer steps (0-based) from where the run stands to `train.steps`, the learning rate set for each.
         A stop requested before the first step (a signal during start-up) ends the run here, cleanly."""
-        if self.start < self.cfg.train.steps and self.stop.signalled(self.dims.any_rank):
+        total = self.cfg.train.steps
+        if self.start >= total:
+            if self.dims.rank == 0:
+                log.info("already at step %d (train.steps=%d): nothing to train; pass train.steps=%d or more to "
+                         "continue", self.start, total, self.start + 1)
+            return
+        if self.stop.signalled(self.dims.any_rank):
             log.info("stop requested (%s) before the first step: nothing to save, exiting",
                      self.stop.reason or "another rank")
             return
-        for step in range(self.start, self.cfg.train.steps):
+        self._first_step_began = time.monotonic()
+        for step in range(self.start, total):
             self.optimizer.set_lr(lr_at(step, self.cfg.train, self.schedule_steps))
             yield step
 
@@ -260,7 +276,10 @@ class Session:
         self.reached = step
         self.logger.log(record)
         if self.dims.rank == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
-            log.info("step %d | %s%s", step, summary, " | SKIPPED (non-finite)" if record.get("skipped") else "")
+            done, left = step - self.start, cfg.train.steps - step
+            eta = (time.monotonic() - self._first_step_began) / done * left
+            log.info("step %d/%d | %s%s | eta %s", step, cfg.train.steps, summary,
+                     " | SKIPPED (non-finite)" if record.get("skipped") else "", _duration(eta))
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if record.get("skipped") else 0
         if self.skipped_in_a_row >= cfg.train.max_skipped_in_a_row:
             raise RuntimeError(f"{self.skipped_in_a_row} steps in a row had a non-finite loss or grad norm "

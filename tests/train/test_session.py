@@ -168,3 +168,16 @@ def test_finished_is_written_when_a_resume_has_nothing_left_to_do(tmp_path):
     (tmp_path / "FINISHED").unlink()  # killed between the last checkpoint and the marker
     assert pretrain(tiny_config(steps=steps), str(tmp_path)).records == []
     assert (tmp_path / "FINISHED").read_text().strip() == str(steps)
+
+
+def test_step_lines_count_against_the_total_and_a_finished_run_says_how_to_continue(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="scimoe"):
+        pretrain(tiny_config(steps=3), str(tmp_path / "run"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split(" | ")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert all(" | eta " in line for line in lines) and lines[-1].endswith("eta 0s")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="scimoe"):
+        again = pretrain(tiny_config(steps=3), str(tmp_path / "run")).records
+    assert again == [] and "already at step 3 (train.steps=3): nothing to train; pass train.steps=4 or more" \
+        in caplog.text

@@ -81,21 +81,24 @@ def _entries(model: torch.nn.Module, optimizer: Any, layout: dict) -> tuple[dict
 
 def save(run_dir: str, step: int, model: torch.nn.Module, optimizer: Any, loader_state: dict,
          config_yaml: str, dims: ParallelDims = ParallelDims(), saver: AsyncSaver | None = None,
-         on_complete: Callable[[], None] | None = None, extra_state: dict | None = None) -> str:
+         on_complete: Callable[[], None] | None = None, extra_state: dict | None = None,
+         extra_files: dict[str, bytes] | None = None) -> str:
     """Write checkpoint `step` atomically (every rank calls this) and return its folder. With `saver` the
-    files are written in the background; `on_complete` runs on rank 0 once the marker is in place."""
+    files are written in the background; `on_complete` runs on rank 0 once the marker is in place;
+    `extra_files` (the run's tokenizer) are written by rank 0."""
     model_entries, optim_entries = _entries(model, optimizer, shards.shard_layout(model, dims))
     train_state = {"step": step, "loader": dict(loader_state), "rng": rng_state(), "world": dims.world_size,
                    **(extra_state or {})}
-    return write(run_dir, step, model_entries, optim_entries, train_state, config_yaml, dims, saver, on_complete)
+    return write(run_dir, step, model_entries, optim_entries, train_state, config_yaml, dims, saver, on_complete,
+                 extra_files)
 
 
 def write(run_dir: str, step: int, model_entries: dict, optim_entries: dict | None, train_state: dict | None,
           config_yaml: str, dims: ParallelDims = ParallelDims(), saver: AsyncSaver | None = None,
-          on_complete: Callable[[], None] | None = None) -> str:
+          on_complete: Callable[[], None] | None = None, extra_files: dict[str, bytes] | None = None) -> str:
     """Entries {key: (name, tensor, placement)} as checkpoint `step`, each slice written once, by the lowest
-    rank holding it. `optim_entries=None` and `train_state=None` make a weights-only checkpoint (what
-    `scimoe-import` writes)."""
+    rank holding it; `extra_files` {name: bytes} by rank 0. `optim_entries=None` and `train_state=None` make a
+    weights-only checkpoint (what `scimoe-import` writes)."""
     rank = dims.rank
     everyone = dims.all_gather_object((sorted(model_entries), sorted(optim_entries or {})))
     model_writer = shards.choose_writers([m for m, _ in everyone])
@@ -114,6 +117,7 @@ def write(run_dir: str, step: int, model_entries: dict, optim_entries: dict | No
             out[f"train_state{suffix}.pt"] = _torch_bytes(train_state)
         if rank == 0:
             out["config.yaml"] = config_yaml.encode()
+            out.update(extra_files or {})
         return out
 
     return storage.write(run_dir, step, encoded, dims, saver, {"weights_only": train_state is None}, on_complete)

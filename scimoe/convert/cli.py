@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from scimoe.config import Config, ConfigError, ModelConfig, validate
 from scimoe.checkpoint import contents, hf_layout, shards, storage
 from scimoe.checkpoint.hf_index import HFFolderError, HFIndex, read_config
+from scimoe.data.tokenizer import HF_TOKENIZER_FILES, stored_tokenizer, tokenizer_files
 
 ERRORS = (ValueError, KeyError, FileNotFoundError, storage.CheckpointError, HFFolderError)
 
@@ -95,6 +96,11 @@ def export(path: str, out: str, layout: str = "intern_s1_pro", max_shard_bytes: 
                 json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(hf_layout.hf_config(cfg, layout), f, indent=1)
+            for name in HF_TOKENIZER_FILES:  # the tokenizer the weights were trained with travels with them
+                if os.path.isfile(os.path.join(path, name)):
+                    shutil.copyfile(os.path.join(path, name), os.path.join(tmp, name))
+            for name in os.listdir(tmp):  # an ordinary folder of readable files, whatever the writers' modes
+                os.chmod(os.path.join(tmp, name), 0o644)
             shutil.rmtree(out, ignore_errors=True)
             os.rename(tmp, out)
     except BaseException:
@@ -117,7 +123,8 @@ def import_hf(folder: str, run_dir: str) -> str:
     root = storage.checkpoint_root(run_dir)
     existed = os.path.isdir(run_dir)
     try:
-        return contents.write(run_dir, 0, entries, None, None, config_yaml)
+        return contents.write(run_dir, 0, entries, None, None, config_yaml,
+                              extra_files=tokenizer_files(f"hf:{folder}"))  # whichever tokenizer files it has
     except BaseException:
         shutil.rmtree(root if existed else run_dir, ignore_errors=True)
         raise
@@ -182,8 +189,9 @@ def import_main(argv: list[str] | None = None) -> None:
         print(f"scimoe-import: {err}", file=sys.stderr)
         sys.exit(2)
     cfg = checkpoint_model_config(path)
+    tokenizer = "" if stored_tokenizer(path) else " data.tokenizer=TOKENIZER  # the folder has no tokenizer: name one"
     print(f"wrote {path}\nstart training from it with:\n  scimoe-train checkpoint.init_weights={path} "
-          + " ".join(model_overrides(cfg)))
+          + " ".join(model_overrides(cfg)) + tokenizer)
 
 
 if __name__ == "__main__":

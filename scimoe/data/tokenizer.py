@@ -116,12 +116,45 @@ def tokenizer_for_run(cfg, run_dir: str, texts: Callable[[], Iterable[str]]) -> 
     return tok
 
 
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                      "vocab.json", "merges.txt", "tokenizer.model")
+"""What a Hugging Face tokenizer folder may hold; checkpoints and exports carry whichever the run's tokenizer has."""
+
+
+def tokenizer_files(path: str | None) -> dict[str, bytes]:
+    """The files of tokenizer `path` (a tokenizers JSON file, or `hf:FOLDER`) to store beside weights, by name. A
+    plain JSON file also gets a tokenizer_config.json, so that transformers' AutoTokenizer reads the folder."""
+    if not path:
+        return {}
+    if path.startswith("hf:"):
+        folder = path[3:]
+        return {name: open(os.path.join(folder, name), "rb").read() for name in HF_TOKENIZER_FILES
+                if os.path.isfile(os.path.join(folder, name))}
+    import json
+
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": EOS,
+              "extra_special_tokens": SPECIAL_TOKENS[1:], "model_max_length": 1 << 30}
+    return {"tokenizer.json": open(path, "rb").read(), "tokenizer_config.json": json.dumps(config, indent=1).encode()}
+
+
+def stored_tokenizer(folder: str) -> str | None:
+    """The tokenizer stored beside weights in `folder` (a checkpoint or a Hugging Face folder), as data.tokenizer
+    takes it, or None: its tokenizer.json (read by `tokenizers`, as training read it), else `hf:FOLDER` when
+    transformers can read the folder (vocab.json + merges.txt, tokenizer.model)."""
+    plain = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(plain):
+        return plain
+    return f"hf:{folder}" if os.path.isfile(os.path.join(folder, "tokenizer_config.json")) else None
+
+
 def run_tokenizer_path(cfg, run_dir: str) -> str | None:
     """The tokenizer a data source must load: `data.tokenizer`, else the run folder's own (a resumed run
-    keeps its ids), else None (train one). Starting from `checkpoint.init_weights` without either is an
-    error: those weights only make sense with the tokenizer they were trained with."""
+    keeps its ids), else the one stored with `checkpoint.init_weights`, else None (train one). Starting from
+    weights without any is an error: those weights only make sense with the tokenizer they were trained with."""
     saved = os.path.join(run_dir, "tokenizer.json")
     path = cfg.data.tokenizer or (saved if os.path.exists(saved) else None)
+    if path is None and cfg.checkpoint.init_weights:
+        path = stored_tokenizer(cfg.checkpoint.init_weights.removeprefix("hf:"))
     if path is None and cfg.checkpoint.init_weights:
         raise ConfigError("config error at 'data.tokenizer': checkpoint.init_weights needs the tokenizer those "
                          "weights were trained with (e.g. data.tokenizer=PRETRAIN_RUN/tokenizer.json)")

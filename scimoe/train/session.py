@@ -313,9 +313,20 @@ class Session:
                             OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), self.dims, self.saver,
                             on_complete if self.dims.rank == 0 else None,
                             extra_state={"balance_scope": self.balance_scope,
-                                         "schedule": {"name": self.cfg.train.schedule, "steps": self.schedule_steps}})
+                                         "schedule": {"name": self.cfg.train.schedule, "steps": self.schedule_steps}},
+                            extra_files=self._tokenizer_files() if self.dims.rank == 0 else None)
         except CheckpointSaveError as err:
             self._save_failed(err)
+
+    def _tokenizer_files(self) -> dict[str, bytes]:
+        """The run's tokenizer, stored in every checkpoint so the weights never travel without it (recipes with a
+        built-in task tokenizer store none)."""
+        from scimoe.data.tokenizer import run_tokenizer_path, tokenizer_files
+
+        try:
+            return tokenizer_files(run_tokenizer_path(self.cfg, self.run_dir))
+        except ConfigError:  # no tokenizer file of its own (e.g. GRPO's addition task builds one in memory)
+            return {}
 
     def _poll_async_save(self) -> None:
         """A background save that failed since the last step: every rank learns it and applies the policy."""

@@ -27,7 +27,7 @@ def test_manifest_lists_every_file_with_its_sha256(run_with_two_checkpoints):
     with open(os.path.join(path, storage.MANIFEST)) as f:
         manifest = json.load(f)
     assert set(manifest) == {"model_rank00000.safetensors", "optimizer_rank00000.safetensors",
-                            "train_state_rank00000.pt", "config.yaml"}
+                            "train_state_rank00000.pt", "config.yaml", "tokenizer.json", "tokenizer_config.json"}
     assert all(len(digest) == 64 for digest in manifest.values())
     assert storage.verify(path) == []
 

@@ -181,11 +181,20 @@ def test_training_starts_from_an_imported_folder_through_the_command_line_tools(
     with pytest.raises(ValueError, match="weights only"):
         contents.load(start, build_model(cfg.model), None)
     fresh = tiny_config(steps=2)
-    fresh.checkpoint.init_weights = start
-    with pytest.raises(ValueError, match="data.tokenizer"):  # the weights' tokenizer must come with them
-        pretrain(fresh, str(tmp_path / "no_tokenizer"))
-    fresh.data.tokenizer = str(tmp_path / "run" / "tokenizer.json")
+    fresh.checkpoint.init_weights = start  # no data.tokenizer: the weights' tokenizer came with them
     from_import = pretrain(fresh, str(tmp_path / "finetune")).records
+    # A folder without any tokenizer: the import says to name one, and a run from it refuses to guess.
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        os.remove(tmp_path / "hf" / name)
+    out = subprocess.run([sys.executable, "-c", "from scimoe.convert.cli import import_main; import_main()",
+                          str(tmp_path / "hf"), str(tmp_path / "bare")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "data.tokenizer=TOKENIZER" in out.stdout, out.stdout + out.stderr
+    bare = tiny_config(steps=2)
+    bare.checkpoint.init_weights = storage.step_dir(str(tmp_path / "bare"), 0)
+    with pytest.raises(ValueError, match="data.tokenizer"):  # the weights' tokenizer must come with them
+        pretrain(bare, str(tmp_path / "no_tokenizer"))
+    fresh.data.tokenizer = str(tmp_path / "run" / "tokenizer.json")
     # The same as starting from the trained weights in memory, and not like a fresh start.
     same_data = tiny_config(steps=2)
     same_data.data.tokenizer = fresh.data.tokenizer
@@ -238,3 +247,31 @@ def test_bad_folders_are_refused_by_name_and_leave_nothing(tmp_path):
             cli.import_hf(str(tmp_path / name), str(tmp_path / f"out_{name}"))
         assert not (tmp_path / f"out_{name}").exists(), name  # nothing partial left
     assert hf_layout.LAYOUTS == ("intern_s1_pro", "qwen3_moe")
+
+
+def test_the_tokenizer_travels_with_the_weights_through_export_and_import(tmp_path):
+    """Every checkpoint holds the run's tokenizer; an export is a folder AutoTokenizer reads with the training ids
+    (before, it returned a 1-token tokenizer) and whose files anyone may read; an import keeps the tokenizer, so a run
+    started from it needs no data.tokenizer."""
+    import stat
+
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    path, cfg = _trained(tmp_path)
+    trained = (tmp_path / "run" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "tokenizer.json").read_bytes() == trained
+    cli.export(path, str(tmp_path / "hf"))
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    ours = Tokenizer.from_file(str(tmp_path / "run" / "tokenizer.json"))
+    text = "The quick brown fox <|im_start|>user\nhi<|im_end|><|endoftext|>"
+    assert theirs.encode(text, add_special_tokens=False) == ours.encode(text).ids
+    assert len(theirs) == ours.get_vocab_size() > 300 and theirs.eos_token == "<|endoftext|>"
+    assert all(stat.S_IMODE(os.stat(tmp_path / "hf" / name).st_mode) == 0o644 for name in os.listdir(tmp_path / "hf"))
+    imported = cli.import_hf(str(tmp_path / "hf"), str(tmp_path / "imported"))
+    assert (tmp_path / "imported" / "checkpoints" / "step_00000000" / "tokenizer.json").read_bytes() == trained
+    start = tiny_config(steps=1)
+    start.checkpoint.init_weights = imported  # and no data.tokenizer
+    record = pretrain(start, str(tmp_path / "continued")).records[0]
+    assert (tmp_path / "continued" / "checkpoints" / "step_00000001" / "tokenizer.json").read_bytes() == trained
+    assert record["lm_loss"] < 5.5  # the trained weights read the same ids (a fresh model starts near ln 384 = 5.95)

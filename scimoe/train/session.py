@@ -23,16 +23,16 @@ from typing import Callable, Iterator
 
 import torch
 
+from scimoe.checkpoint import contents, storage
+from scimoe.checkpoint.async_save import AsyncSaver
+from scimoe.checkpoint.storage import CheckpointSaveError, step_folders
 from scimoe.config import Config, ConfigError
-from scimoe.run_dir import clear_finished, mark_finished
 from scimoe.model import MoETransformer, build_model
 from scimoe.parallel.dims import ParallelDims
 from scimoe.parallel.parallelize import parallelize
 from scimoe.parallel.runtime import make_grad_buckets, master_shards, optimizer_shards
 from scimoe.parallel.state import gather_coordinates, rank_grid
-from scimoe.checkpoint import contents, storage
-from scimoe.checkpoint.async_save import AsyncSaver
-from scimoe.checkpoint.storage import CheckpointSaveError, step_folders
+from scimoe.run_dir import clear_finished, mark_finished
 from scimoe.train.metrics import make_logger
 from scimoe.train.master import MasterOptimizer, cast_to_bf16
 from scimoe.train.optim import build_optimizer, lr_at
@@ -222,12 +222,11 @@ class Session:
         train, say = self.cfg.train, (log.warning if self.dims.rank == 0 else log.debug)
         if train.decay_steps and train.decay_steps != saved["steps"]:
             say("train.decay_steps=%d: the learning-rate schedule changes from %d to %d steps at step %d",
-                        train.decay_steps, saved["steps"], train.decay_steps, self.start)
+                train.decay_steps, saved["steps"], train.decay_steps, self.start)
         elif saved["steps"] != self.schedule_steps:
             self.schedule_steps = saved["steps"]
             say("train.steps=%d, but the learning-rate schedule this run was trained with is %d steps long: it "
-                        "keeps that length (min_lr after it); pass train.decay_steps=N for another", train.steps,
-                        saved["steps"])
+                "keeps that length (min_lr after it); pass train.decay_steps=N for another", train.steps, saved["steps"])
         if saved.get("name", train.schedule) != train.schedule:
             say("train.schedule changes from %s to %s at step %d", saved["name"], train.schedule, self.start)
 

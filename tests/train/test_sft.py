@@ -50,6 +50,8 @@ def test_sft_runs_data_parallel_under_torchrun(tmp_path):
     out = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
+    noise = ("Transformer Engine and Apex are not installed", "Megatron-FSDP")  # silenced in scimoe/__init__.py
+    assert not [n for n in noise if n in out.stdout + out.stderr], (out.stdout + out.stderr)[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     # one process with the same global batch and balance scope (micro-batch 2 × dp 2 = 4) logs the same losses

@@ -62,16 +62,15 @@ def export(path: str, out: str, layout: str = "intern_s1_pro", max_shard_bytes: 
            world: int = 1, barrier=lambda: None) -> list[str]:
     """Write checkpoint `path` (any layout) as a HF folder `out`; rank r of `world` writes files r, r + world, …
     Returns the shard file names."""
-    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, storage.MARKER)) and \
-            not os.path.isdir(os.path.join(path, "checkpoints")):
+    if os.path.exists(os.path.join(path, storage.MARKER)):
+        path = storage.find_resume_path("", path, "scimoe-export CHECKPOINT")  # refused when unusable
+    elif os.path.isdir(os.path.join(path, "checkpoints")):  # a run folder: its newest usable checkpoint
+        run, path = path, storage.find_resume_path(path, "auto", "scimoe-export RUN")
+        if path is None:
+            raise ValueError(f"{run} has no complete checkpoint to export")
+    else:
         raise ValueError(f"{path} is not a scimoe checkpoint: expected a folder such as RUN/checkpoints/step_00000050 "
                          f"holding a {storage.MARKER} marker, or a run folder RUN")
-    if not os.path.exists(os.path.join(path, storage.MARKER)):  # a run folder: its newest usable checkpoint
-        newest = storage.find_resume_path(path, "auto", "scimoe-export RUN")
-        if newest is None:
-            raise ValueError(f"{path} has no complete checkpoint to export")
-        path = newest
-    path = storage.find_resume_path("", path, "scimoe-export CHECKPOINT")
     cfg = checkpoint_model_config(path)
     hf_layout.check_exportable(cfg, layout)
     index = shards.ShardIndex(contents.files(path, "model"))
